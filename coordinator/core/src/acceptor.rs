@@ -1,0 +1,279 @@
+//! The acceptor: one per replica, holding every instance of every transaction it has seen.
+//!
+//! Per transaction it keeps a single promise (phase 1 always covers all instances of a
+//! transaction, as in Gray & Lamport's Paxos Commit) and the value accepted per instance. Its
+//! state is exactly what its durable records say, so a restarted replica replays them.
+
+use crate::msg::{Msg, Record};
+use crate::types::{Ballot, Outcome, Participant, TxnId, Vote};
+use std::collections::BTreeMap;
+
+/// What one acceptor knows of one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct AcceptorTxn {
+    /// The participant set R; empty while unknown.
+    pub participants: Vec<Participant>,
+    /// Highest ballot promised in phase 1 (or accepted in phase 2).
+    pub promised: Ballot,
+    /// Instance (participant id) → (ballot, value) last accepted.
+    pub accepted: BTreeMap<String, (Ballot, Vote)>,
+    /// The decision, once learned.
+    pub decided: Option<Outcome>,
+    /// Every participant applied the decision.
+    pub finished: bool,
+    /// When this replica first heard of the transaction (shell time, ms; not durable).
+    pub since: u64,
+}
+
+/// The acceptor's answer to a phase 1a or 2a.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The state changed: persist `record` (if any), then send `msg`.
+    Accept { record: Option<Record>, msg: Msg },
+    /// The ballot is below the promise.
+    Reject { promised: Ballot },
+}
+
+impl AcceptorTxn {
+    fn learn_participants(&mut self, participants: &[Participant]) {
+        if self.participants.is_empty() && !participants.is_empty() {
+            self.participants = participants.to_vec();
+        }
+    }
+
+    pub fn on_phase1a(
+        &mut self,
+        txn: TxnId,
+        ballot: Ballot,
+        participants: &[Participant],
+    ) -> Reply {
+        self.learn_participants(participants);
+        if ballot < self.promised {
+            return Reply::Reject {
+                promised: self.promised,
+            };
+        }
+        let record = (ballot > self.promised).then(|| Record::Promise {
+            txn,
+            ballot,
+            participants: self.participants.clone(),
+        });
+        self.promised = ballot;
+        // Always every instance: a proposer that learns R from this reply must not mistake
+        // an unreported instance for one that accepted nothing.
+        let accepted = self
+            .accepted
+            .iter()
+            .map(|(p, (b, v))| (p.clone(), *b, *v))
+            .collect();
+        Reply::Accept {
+            record,
+            msg: Msg::Phase1b {
+                txn,
+                ballot,
+                accepted,
+                participants: self.participants.clone(),
+            },
+        }
+    }
+
+    pub fn on_phase2a(
+        &mut self,
+        txn: TxnId,
+        participant: &str,
+        ballot: Ballot,
+        vote: Vote,
+        participants: &[Participant],
+    ) -> Reply {
+        self.learn_participants(participants);
+        if ballot < self.promised {
+            return Reply::Reject {
+                promised: self.promised,
+            };
+        }
+        self.promised = ballot;
+        let fresh = self.accepted.get(participant) != Some(&(ballot, vote));
+        let record = fresh.then(|| {
+            self.accepted
+                .insert(participant.to_string(), (ballot, vote));
+            Record::Accept {
+                txn,
+                participant: participant.to_string(),
+                ballot,
+                vote,
+                participants: self.participants.clone(),
+            }
+        });
+        Reply::Accept {
+            record,
+            msg: Msg::Phase2b {
+                txn,
+                participant: participant.to_string(),
+                ballot,
+                vote,
+            },
+        }
+    }
+
+    /// Replays one durable record (recovery).
+    pub fn apply(&mut self, record: &Record) {
+        match record {
+            Record::Promise {
+                ballot,
+                participants,
+                ..
+            } => {
+                self.learn_participants(participants);
+                self.promised = self.promised.max(*ballot);
+            }
+            Record::Accept {
+                participant,
+                ballot,
+                vote,
+                participants,
+                ..
+            } => {
+                self.learn_participants(participants);
+                self.promised = self.promised.max(*ballot);
+                let newer = self
+                    .accepted
+                    .get(participant)
+                    .is_none_or(|(b, _)| *b <= *ballot);
+                if newer {
+                    self.accepted.insert(participant.clone(), (*ballot, *vote));
+                }
+            }
+            Record::Decided {
+                outcome,
+                participants,
+                ..
+            } => {
+                self.learn_participants(participants);
+                self.decided = Some(*outcome);
+            }
+            Record::Finished { outcome, .. } => {
+                self.decided = Some(*outcome);
+                self.finished = true;
+            }
+            Record::Round { .. } => {}
+        }
+    }
+
+    /// The fewest records that rebuild this state (log compaction).
+    pub fn records(&self, txn: TxnId, out: &mut Vec<Record>) {
+        if self.finished {
+            if let Some(outcome) = self.decided {
+                out.push(Record::Finished { txn, outcome });
+                return;
+            }
+        }
+        if self.promised > 0 || self.accepted.is_empty() {
+            out.push(Record::Promise {
+                txn,
+                ballot: self.promised,
+                participants: self.participants.clone(),
+            });
+        }
+        for (p, (ballot, vote)) in &self.accepted {
+            out.push(Record::Accept {
+                txn,
+                participant: p.clone(),
+                ballot: *ballot,
+                vote: *vote,
+                participants: self.participants.clone(),
+            });
+        }
+        if let Some(outcome) = self.decided {
+            out.push(Record::Decided {
+                txn,
+                outcome,
+                participants: self.participants.clone(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r() -> Vec<Participant> {
+        vec![Participant::new("a", "x:1"), Participant::new("b", "x:2")]
+    }
+
+    #[test]
+    fn ballot_zero_vote_is_refused_after_a_higher_promise() {
+        let t = TxnId(1);
+        let mut acc = AcceptorTxn::default();
+        assert!(matches!(
+            acc.on_phase1a(t, 4, &r()),
+            Reply::Accept {
+                record: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(
+            acc.on_phase2a(t, "a", 0, Vote::Prepared, &r()),
+            Reply::Reject { promised: 4 }
+        );
+        assert!(acc.accepted.is_empty());
+    }
+
+    #[test]
+    fn phase1b_reports_accepted_values_and_duplicates_write_nothing() {
+        let t = TxnId(1);
+        let mut acc = AcceptorTxn::default();
+        let first = acc.on_phase2a(t, "a", 0, Vote::Prepared, &r());
+        assert!(matches!(
+            first,
+            Reply::Accept {
+                record: Some(_),
+                ..
+            }
+        ));
+        let dup = acc.on_phase2a(t, "a", 0, Vote::Prepared, &r());
+        assert!(matches!(dup, Reply::Accept { record: None, .. }));
+        match acc.on_phase1a(t, 3, &[]) {
+            Reply::Accept {
+                msg:
+                    Msg::Phase1b {
+                        accepted,
+                        participants,
+                        ..
+                    },
+                ..
+            } => {
+                assert_eq!(accepted, vec![("a".to_string(), 0, Vote::Prepared)]);
+                assert_eq!(participants, r());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn records_rebuild_the_same_state() {
+        let t = TxnId(9);
+        let mut acc = AcceptorTxn::default();
+        let mut log = Vec::new();
+        for reply in [
+            acc.on_phase2a(t, "a", 0, Vote::Prepared, &r()),
+            acc.on_phase1a(t, 5, &r()),
+            acc.on_phase2a(t, "b", 5, Vote::Aborted, &r()),
+        ] {
+            if let Reply::Accept {
+                record: Some(rec), ..
+            } = reply
+            {
+                log.push(rec);
+            }
+        }
+        let mut replayed = AcceptorTxn::default();
+        log.iter().for_each(|rec| replayed.apply(rec));
+        assert_eq!(replayed, acc);
+        let mut compact = Vec::new();
+        acc.records(t, &mut compact);
+        let mut again = AcceptorTxn::default();
+        compact.iter().for_each(|rec| again.apply(rec));
+        assert_eq!(again, acc);
+    }
+}

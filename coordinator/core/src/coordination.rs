@@ -1,0 +1,128 @@
+//! What a replica knows of a transaction it coordinates: as the leader a client began it on,
+//! or as a replica that took it over. Volatile by design: the decision is implied by the
+//! acceptors' durable state, so a restarted replica rebuilds it with a phase 1.
+
+use crate::types::{majority, Ballot, Outcome, Participant, ReplicaId, Vote};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Begun here; participants are enlisting; nothing is prepared yet.
+    Open,
+    /// The participant set is frozen and votes are being collected (or recovered).
+    Voting,
+    Decided(Outcome),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Coordination {
+    pub phase: Phase,
+    /// The participant set R, by id. Frozen once `phase` leaves `Open`.
+    pub participants: BTreeMap<String, Participant>,
+    /// When R is unknown (recovery on behalf of one in-doubt participant), the instances
+    /// this replica may still decide.
+    pub instances_hint: BTreeSet<String>,
+    /// The ballot this replica drives; 0 while it relies on the participants' own votes.
+    pub ballot: Ballot,
+    /// Phase 1b replies for `ballot`, while phase 1 runs.
+    pub promises: Option<BTreeMap<ReplicaId, Vec<(String, Ballot, Vote)>>>,
+    /// (instance, ballot) → value and the acceptors that accepted it.
+    pub tally: BTreeMap<(String, Ballot), (Vote, BTreeSet<ReplicaId>)>,
+    /// Instances whose value is chosen.
+    pub chosen: BTreeMap<String, Vote>,
+    /// Participants that confirmed they applied the decision.
+    pub applied: BTreeSet<String>,
+    /// Every participant applied the decision and the replicas were told.
+    pub finished: bool,
+    /// Aborted while still open: no acceptor ever heard of it, so none needs telling.
+    pub local_only: bool,
+    pub reason: String,
+    pub since: u64,
+}
+
+impl Coordination {
+    pub fn new(phase: Phase, since: u64) -> Coordination {
+        Coordination {
+            phase,
+            participants: BTreeMap::new(),
+            instances_hint: BTreeSet::new(),
+            ballot: 0,
+            promises: None,
+            tally: BTreeMap::new(),
+            chosen: BTreeMap::new(),
+            applied: BTreeSet::new(),
+            finished: false,
+            local_only: false,
+            reason: String::new(),
+            since,
+        }
+    }
+
+    pub fn participant_list(&self) -> Vec<Participant> {
+        self.participants.values().cloned().collect()
+    }
+
+    pub fn all_applied(&self) -> bool {
+        self.participants.keys().all(|p| self.applied.contains(p))
+    }
+
+    pub fn learn_participants(&mut self, participants: &[Participant]) {
+        if self.participants.is_empty() {
+            self.participants = participants
+                .iter()
+                .map(|p| (p.id.clone(), p.clone()))
+                .collect();
+        }
+    }
+
+    /// Counts a phase 2b; returns true when it made the instance chosen.
+    pub fn tally_2b(
+        &mut self,
+        acceptor: ReplicaId,
+        instance: &str,
+        ballot: Ballot,
+        vote: Vote,
+        replicas: u32,
+    ) -> bool {
+        if self.chosen.contains_key(instance) {
+            return false;
+        }
+        let entry = self
+            .tally
+            .entry((instance.to_string(), ballot))
+            .or_insert_with(|| (vote, BTreeSet::new()));
+        if entry.0 != vote {
+            // One ballot carries one value; a different one would be a protocol bug upstream.
+            return false;
+        }
+        entry.1.insert(acceptor);
+        if entry.1.len() >= majority(replicas) {
+            self.chosen.insert(instance.to_string(), vote);
+            return true;
+        }
+        false
+    }
+
+    /// The decision rule of Paxos Commit: Abort as soon as any instance chose Aborted,
+    /// Commit once every participant's instance chose Prepared.
+    pub fn decision(&self) -> Option<(Outcome, String)> {
+        if let Some((p, _)) = self.chosen.iter().find(|(_, v)| **v == Vote::Aborted) {
+            return Some((Outcome::Aborted, format!("participant {p} did not prepare")));
+        }
+        let all_prepared = !self.participants.is_empty()
+            && self
+                .participants
+                .keys()
+                .all(|p| self.chosen.get(p) == Some(&Vote::Prepared));
+        all_prepared.then(|| (Outcome::Committed, String::new()))
+    }
+
+    /// The instances phase 2 of a takeover proposes for.
+    pub fn instances(&self) -> Vec<String> {
+        if self.participants.is_empty() {
+            self.instances_hint.iter().cloned().collect()
+        } else {
+            self.participants.keys().cloned().collect()
+        }
+    }
+}
