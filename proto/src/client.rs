@@ -1,1 +1,384 @@
-pub struct Placeholder;
+//! A thin client of paxos-commit: a transaction handle that begins on a coordinator replica,
+//! executes statements on named participants, and prepares, commits or aborts.
+//!
+//! It never guesses an outcome. When the replica it talked to is lost mid-commit it asks the
+//! others; if none can say, the error is [`ClientError::OutcomeUnknown`], to be settled later
+//! with [`Client::status`].
+
+use crate::convert::outcome_from_pb;
+use crate::pb;
+use crate::pb::agent_client::AgentClient;
+use crate::pb::coordinator_client::CoordinatorClient;
+use paxos_commit_core::Outcome;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid address {address:?}: {reason}")]
+    BadAddress { address: String, reason: String },
+    #[error("no participant named {0:?} is configured")]
+    UnknownParticipant(String),
+    #[error("no coordinator replica answered: {0}")]
+    Unreachable(Status),
+    #[error("the outcome of transaction {txid} is unknown ({status}); ask GetStatus later")]
+    OutcomeUnknown { txid: String, status: Status },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Rpc(Status),
+}
+
+impl ClientError {
+    /// The gRPC status behind the error, if there is one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Unreachable(s)
+            | ClientError::OutcomeUnknown { status: s, .. }
+            | ClientError::Rpc(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<Code> {
+        self.status().map(Status::code)
+    }
+}
+
+/// A decision as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub reason: String,
+}
+
+/// Where the coordinator replicas and the participants' agents listen.
+#[derive(Debug, Clone, Default)]
+pub struct ClientConfig {
+    /// Replica addresses (host:port), in replica-id order.
+    pub replicas: Vec<String>,
+    /// Participant id → agent address (host:port).
+    pub agents: BTreeMap<String, String>,
+    /// Deadline of each RPC.
+    pub rpc_timeout: Option<Duration>,
+}
+
+fn channel(address: &str, timeout: Option<Duration>) -> Result<Channel, ClientError> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let mut endpoint = Endpoint::from_shared(url)
+        .map_err(|e| ClientError::BadAddress {
+            address: address.to_string(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true);
+    if let Some(t) = timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// A lazily connected gRPC channel to `address` (host:port or a URL), for other tools too.
+pub fn lazy_channel(address: &str, timeout: Option<Duration>) -> Result<Channel, ClientError> {
+    channel(address, timeout)
+}
+
+struct Inner {
+    replicas: Vec<CoordinatorClient<Channel>>,
+    agents: BTreeMap<String, AgentClient<Channel>>,
+    /// The replica to try first for Begin; moves on when one fails.
+    preferred: AtomicUsize,
+}
+
+/// A handle on the whole deployment; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Errors that mean "this replica did not get the request", so another one may be asked.
+fn is_unreachable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+        && !s.message().contains("majority")
+}
+
+impl Client {
+    pub fn new(cfg: &ClientConfig) -> Result<Client, ClientError> {
+        let timeout = cfg.rpc_timeout.or(Some(Duration::from_secs(30)));
+        let replicas = cfg
+            .replicas
+            .iter()
+            .map(|a| channel(a, timeout).map(CoordinatorClient::new))
+            .collect::<Result<_, _>>()?;
+        let agents = cfg
+            .agents
+            .iter()
+            .map(|(id, a)| Ok((id.clone(), AgentClient::new(channel(a, timeout)?))))
+            .collect::<Result<_, ClientError>>()?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                replicas,
+                agents,
+                preferred: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    pub fn replica_count(&self) -> usize {
+        self.inner.replicas.len()
+    }
+
+    /// The coordinator client of one replica.
+    pub fn replica(&self, index: usize) -> Option<CoordinatorClient<Channel>> {
+        self.inner.replicas.get(index).cloned()
+    }
+
+    /// The agent client of one participant.
+    pub fn agent(&self, participant: &str) -> Result<AgentClient<Channel>, ClientError> {
+        self.inner
+            .agents
+            .get(participant)
+            .cloned()
+            .ok_or_else(|| ClientError::UnknownParticipant(participant.to_string()))
+    }
+
+    /// Begins a transaction on the first replica that answers.
+    pub async fn begin(&self) -> Result<Transaction, ClientError> {
+        let n = self.inner.replicas.len();
+        let start = self.inner.preferred.load(Ordering::Relaxed);
+        let mut last = Status::unavailable("no replicas configured");
+        for k in 0..n {
+            let i = (start + k) % n;
+            let mut c = self.inner.replicas[i].clone();
+            match c.begin(pb::BeginRequest { timeout_ms: 0 }).await {
+                Ok(r) => {
+                    self.inner.preferred.store(i, Ordering::Relaxed);
+                    let r = r.into_inner();
+                    return Ok(Transaction {
+                        client: self.clone(),
+                        txid: r.txid,
+                        leader: r.leader as usize,
+                    });
+                }
+                Err(s) if is_unreachable(&s) => last = s,
+                Err(s) => return Err(ClientError::Rpc(s)),
+            }
+        }
+        self.inner
+            .preferred
+            .store((start + 1) % n.max(1), Ordering::Relaxed);
+        Err(ClientError::Unreachable(last))
+    }
+
+    /// Status of a transaction from any replica that answers.
+    pub async fn status(&self, txid: &str) -> Result<pb::StatusResponse, ClientError> {
+        let mut last = Status::unavailable("no replicas configured");
+        for c in &self.inner.replicas {
+            let req = pb::StatusRequest {
+                txid: txid.to_string(),
+                local_only: false,
+            };
+            match c.clone().get_status(req).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if is_unreachable(&s) => last = s,
+                Err(s) => return Err(ClientError::Rpc(s)),
+            }
+        }
+        Err(ClientError::Unreachable(last))
+    }
+
+    /// Resumes a handle on a transaction begun elsewhere (for example after a client restart).
+    pub fn transaction(&self, txid: &str, leader: usize) -> Transaction {
+        Transaction {
+            client: self.clone(),
+            txid: txid.to_string(),
+            leader,
+        }
+    }
+}
+
+/// One distributed transaction.
+#[derive(Clone)]
+pub struct Transaction {
+    client: Client,
+    txid: String,
+    leader: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Finish {
+    Prepare,
+    Commit { return_on_decision: bool },
+    Abort,
+}
+
+impl Transaction {
+    pub fn id(&self) -> &str {
+        &self.txid
+    }
+
+    pub fn leader(&self) -> usize {
+        self.leader
+    }
+
+    /// Runs one statement on `participant`'s database within this transaction.
+    pub async fn execute(
+        &self,
+        participant: &str,
+        sql: &str,
+        params: &[pb::Value],
+    ) -> Result<pb::ExecuteResponse, ClientError> {
+        let mut agent = self.client.agent(participant)?;
+        let req = pb::ExecuteRequest {
+            txid: self.txid.clone(),
+            sql: sql.to_string(),
+            params: params.to_vec(),
+        };
+        agent
+            .execute(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(ClientError::Rpc)
+    }
+
+    /// Runs the voting phase and returns the decision, without waiting for it to be applied.
+    pub async fn prepare(&self) -> Result<Decision, ClientError> {
+        self.finish(Finish::Prepare).await
+    }
+
+    /// Commits (or learns that it aborted) and waits until every participant applied it.
+    pub async fn commit(&self) -> Result<Decision, ClientError> {
+        self.finish(Finish::Commit {
+            return_on_decision: false,
+        })
+        .await
+    }
+
+    /// Commits and returns as soon as the decision is chosen.
+    pub async fn commit_fast(&self) -> Result<Decision, ClientError> {
+        self.finish(Finish::Commit {
+            return_on_decision: true,
+        })
+        .await
+    }
+
+    pub async fn abort(&self) -> Result<Decision, ClientError> {
+        self.finish(Finish::Abort).await
+    }
+
+    /// Asks the leader first, then the other replicas (which take the transaction over).
+    /// A request that may have reached a replica and got no answer leaves the outcome unknown.
+    async fn finish(&self, what: Finish) -> Result<Decision, ClientError> {
+        let replicas = &self.client.inner.replicas;
+        let n = replicas.len();
+        let mut last = Status::unavailable("no replicas configured");
+        for k in 0..n {
+            let mut c = replicas[(self.leader + k) % n].clone();
+            let txid = self.txid.clone();
+            let result = match what {
+                Finish::Prepare => c.prepare(pb::TxnRequest { txid }).await,
+                Finish::Commit { return_on_decision } => {
+                    c.commit(pb::CommitRequest {
+                        txid,
+                        return_on_decision,
+                    })
+                    .await
+                }
+                Finish::Abort => c.abort(pb::TxnRequest { txid }).await,
+            };
+            match result {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let outcome = outcome_from_pb(r.outcome).map_err(|e| {
+                        ClientError::Rpc(Status::internal(format!("bad reply: {e}")))
+                    })?;
+                    return Ok(Decision {
+                        outcome,
+                        reason: r.reason,
+                    });
+                }
+                Err(s) if is_unreachable(&s) => last = s,
+                Err(s) if s.code() == Code::NotFound && k > 0 => last = s,
+                Err(s) if s.code() == Code::DeadlineExceeded => {
+                    return Err(ClientError::OutcomeUnknown {
+                        txid: self.txid.clone(),
+                        status: s,
+                    })
+                }
+                Err(s) => return Err(ClientError::Rpc(s)),
+            }
+        }
+        Err(ClientError::OutcomeUnknown {
+            txid: self.txid.clone(),
+            status: last,
+        })
+    }
+}
+
+impl From<i64> for pb::Value {
+    fn from(v: i64) -> pb::Value {
+        pb::Value {
+            kind: Some(pb::value::Kind::Int(v)),
+        }
+    }
+}
+
+impl From<f64> for pb::Value {
+    fn from(v: f64) -> pb::Value {
+        pb::Value {
+            kind: Some(pb::value::Kind::Float(v)),
+        }
+    }
+}
+
+impl From<bool> for pb::Value {
+    fn from(v: bool) -> pb::Value {
+        pb::Value {
+            kind: Some(pb::value::Kind::Bool(v)),
+        }
+    }
+}
+
+impl From<&str> for pb::Value {
+    fn from(v: &str) -> pb::Value {
+        pb::Value {
+            kind: Some(pb::value::Kind::Text(v.to_string())),
+        }
+    }
+}
+
+impl From<String> for pb::Value {
+    fn from(v: String) -> pb::Value {
+        pb::Value {
+            kind: Some(pb::value::Kind::Text(v)),
+        }
+    }
+}
+
+impl pb::Value {
+    pub fn null() -> pb::Value {
+        pb::Value {
+            kind: Some(pb::value::Kind::Null(true)),
+        }
+    }
+
+    pub fn as_int(&self) -> Option<i64> {
+        match self.kind {
+            Some(pb::value::Kind::Int(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_text(&self) -> Option<&str> {
+        match &self.kind {
+            Some(pb::value::Kind::Text(v)) => Some(v),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Replica configuration: a TOML file, overridden by flags and `PAXOS_COMMIT_*` variables.
+//! txctl reads the same file, so an operator points both at one place.
+
+use clap::Args;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The file format. Every field can also be given as a flag.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub group: Option<String>,
+    pub id: Option<u32>,
+    pub replicas: Option<Vec<String>>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub takeover_after_ms: Option<u64>,
+    pub open_timeout_ms: Option<u64>,
+    pub resend_after_ms: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub commit_timeout_ms: Option<u64>,
+    pub return_on_decision: Option<bool>,
+    /// Agents, for txctl: participant id → address.
+    #[serde(default)]
+    pub agents: std::collections::BTreeMap<String, String>,
+}
+
+/// Flags (and environment variables) shared by the coordinator and txctl.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "PAXOS_COMMIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Name of the coordinator group; part of every gid.
+    #[arg(long, env = "PAXOS_COMMIT_GROUP")]
+    pub group: Option<String>,
+    /// This replica's index in --replicas.
+    #[arg(long, env = "PAXOS_COMMIT_ID")]
+    pub id: Option<u32>,
+    /// Addresses (host:port) of all 2F+1 replicas, in replica-id order, comma separated.
+    #[arg(long, env = "PAXOS_COMMIT_REPLICAS", value_delimiter = ',')]
+    pub replicas: Option<Vec<String>>,
+    /// Address to listen on (defaults to this replica's entry in --replicas).
+    #[arg(long, env = "PAXOS_COMMIT_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory of the acceptor log.
+    #[arg(long, env = "PAXOS_COMMIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Silence (ms) after which an undecided transaction is taken over.
+    #[arg(long, env = "PAXOS_COMMIT_TAKEOVER_AFTER_MS")]
+    pub takeover_after_ms: Option<u64>,
+    /// How long (ms) a begun transaction may stay open before Commit.
+    #[arg(long, env = "PAXOS_COMMIT_OPEN_TIMEOUT_MS")]
+    pub open_timeout_ms: Option<u64>,
+    /// How long (ms) a finished transaction stays answerable by GetStatus.
+    #[arg(long, env = "PAXOS_COMMIT_RETENTION_MS")]
+    pub retention_ms: Option<u64>,
+    /// How long (ms) Commit waits for a decision before answering Unavailable.
+    #[arg(long, env = "PAXOS_COMMIT_COMMIT_TIMEOUT_MS")]
+    pub commit_timeout_ms: Option<u64>,
+    /// Answer Commit as soon as the decision is chosen, not after the participants applied it.
+    #[arg(long, env = "PAXOS_COMMIT_RETURN_ON_DECISION")]
+    pub return_on_decision: Option<bool>,
+    /// Agents for txctl, as id=host:port, comma separated.
+    #[arg(long, env = "PAXOS_COMMIT_AGENTS", value_delimiter = ',')]
+    pub agents: Option<Vec<String>>,
+}
+
+/// The resolved configuration of a replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub group: String,
+    pub id: u32,
+    pub replicas: Vec<String>,
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub takeover_after: Duration,
+    pub open_timeout: Duration,
+    pub resend_after: Duration,
+    pub retention: Duration,
+    pub commit_timeout: Duration,
+    pub return_on_decision: bool,
+    pub agents: std::collections::BTreeMap<String, String>,
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl ConfigArgs {
+    /// File first, then flags and environment on top.
+    pub fn resolve(&self) -> Result<ReplicaConfig, ConfigError> {
+        let file = match &self.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let replicas = self
+            .replicas
+            .clone()
+            .or(file.replicas)
+            .unwrap_or_else(|| vec!["127.0.0.1:7400".to_string()]);
+        if replicas.is_empty() || replicas.len() > 255 || replicas.len() % 2 == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "replicas must list 2F+1 addresses (1, 3, 5, ...), got {}",
+                replicas.len()
+            )));
+        }
+        let id = self.id.or(file.id).unwrap_or(0);
+        let own = replicas.get(id as usize).cloned().ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "id {id} is not an index into the {} replicas",
+                replicas.len()
+            ))
+        })?;
+        let mut agents = file.agents;
+        for entry in self.agents.iter().flatten() {
+            let (k, v) = entry.split_once('=').ok_or_else(|| {
+                ConfigError::Invalid(format!("agent {entry:?} is not id=host:port"))
+            })?;
+            agents.insert(k.to_string(), v.to_string());
+        }
+        let ms = |flag: Option<u64>, file: Option<u64>, default: u64| {
+            Duration::from_millis(flag.or(file).unwrap_or(default))
+        };
+        Ok(ReplicaConfig {
+            group: self
+                .group
+                .clone()
+                .or(file.group)
+                .unwrap_or_else(|| "main".to_string()),
+            id,
+            listen: self.listen.clone().or(file.listen).unwrap_or(own),
+            data_dir: self
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(format!("paxos-commit-data/{id}"))),
+            takeover_after: ms(self.takeover_after_ms, file.takeover_after_ms, 2_000),
+            open_timeout: ms(self.open_timeout_ms, file.open_timeout_ms, 60_000),
+            resend_after: ms(None, file.resend_after_ms, 1_000),
+            retention: ms(self.retention_ms, file.retention_ms, 60_000),
+            commit_timeout: ms(self.commit_timeout_ms, file.commit_timeout_ms, 10_000),
+            return_on_decision: self
+                .return_on_decision
+                .or(file.return_on_decision)
+                .unwrap_or(false),
+            replicas,
+            agents,
+        })
+    }
+}
+
+impl ReplicaConfig {
+    pub fn core(&self) -> paxos_commit_core::Config {
+        let ms = |d: Duration| d.as_millis() as u64;
+        paxos_commit_core::Config {
+            id: self.id,
+            replicas: self.replicas.len() as u32,
+            takeover_after_ms: ms(self.takeover_after),
+            open_timeout_ms: ms(self.open_timeout),
+            resend_after_ms: ms(self.resend_after),
+            retention_ms: ms(self.retention),
+        }
+    }
+}

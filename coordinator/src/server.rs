@@ -1,0 +1,382 @@
+//! The gRPC face of a replica: thin handlers that parse, forward a command to the driver,
+//! and map the answer (or its absence) to a reply or a status.
+
+use crate::config::ReplicaConfig;
+use crate::driver::{Command, Decision, Info, Until};
+use crate::error::CoordinatorError;
+use paxos_commit_core::status::{combine, TxnState};
+use paxos_commit_core::{LocalStatus, TxnError, TxnId};
+use paxos_commit_proto::client::lazy_channel;
+use paxos_commit_proto::convert::{
+    msg_from_pb, outcome_to_pb, participant_from_pb, participants_from_pb, participant_to_pb,
+    txid_from_pb, vote_to_pb,
+};
+use paxos_commit_proto::pb;
+use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone)]
+pub struct Handle {
+    cfg: Arc<ReplicaConfig>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Other replicas, for GetStatus answers that need more than this replica knows.
+    peers: Arc<Vec<Option<CoordinatorClient<Channel>>>>,
+}
+
+impl Handle {
+    pub fn new(
+        cfg: Arc<ReplicaConfig>,
+        commands: mpsc::UnboundedSender<Command>,
+    ) -> Result<Handle, CoordinatorError> {
+        let peers = cfg
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                if i as u32 == cfg.id {
+                    return Ok(None);
+                }
+                lazy_channel(a, Some(Duration::from_secs(1)))
+                    .map(|c| Some(CoordinatorClient::new(c)))
+                    .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Handle {
+            cfg,
+            commands,
+            peers: Arc::new(peers),
+        })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+        rx.await
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
+    }
+
+    /// Waits for a decision; past the commit timeout it reports what is known, and an
+    /// undecided transaction as unknown-outcome Unavailable (never as a failure).
+    async fn decision(
+        &self,
+        txn: TxnId,
+        make: impl FnOnce(oneshot::Sender<Result<Decision, TxnError>>) -> Command,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+        let decision = match tokio::time::timeout(self.cfg.commit_timeout, rx).await {
+            Ok(Ok(Ok(d))) => d,
+            Ok(Ok(Err(e))) => return Err(CoordinatorError::from(e).into()),
+            Ok(Err(_)) => return Err(CoordinatorError::ShuttingDown.into()),
+            Err(_) => {
+                // Decided but not yet applied everywhere still is an answer.
+                let (status, reason) = self.ask(|reply| Command::Status { txn, reply }).await?;
+                match status.decided {
+                    Some(outcome) => Decision {
+                        outcome,
+                        reason: reason.unwrap_or_default(),
+                    },
+                    None => {
+                        return Err(CoordinatorError::NoDecision {
+                            txid: txn.to_string(),
+                            waited_ms: self.cfg.commit_timeout.as_millis() as u64,
+                        }
+                        .into())
+                    }
+                }
+            }
+        };
+        Ok(Response::new(pb::DecisionResponse {
+            txid: txn.to_string(),
+            outcome: outcome_to_pb(decision.outcome),
+            reason: decision.reason,
+        }))
+    }
+
+    fn until(&self, return_on_decision: bool) -> Until {
+        if return_on_decision || self.cfg.return_on_decision {
+            Until::Decided
+        } else {
+            Until::Applied
+        }
+    }
+
+    async fn local_status(&self, txn: TxnId) -> Result<(LocalStatus, Option<String>), Status> {
+        self.ask(|reply| Command::Status { txn, reply }).await
+    }
+
+    pub async fn info(&self) -> Result<Info, Status> {
+        self.ask(|reply| Command::Info { reply }).await
+    }
+}
+
+fn parse_txid(s: &str) -> Result<TxnId, Status> {
+    txid_from_pb(s).map_err(|e| CoordinatorError::InvalidArgument(e.to_string()).into())
+}
+
+fn status_response(
+    txn: TxnId,
+    views: &BTreeMap<u32, LocalStatus>,
+    replicas: u32,
+) -> pb::StatusResponse {
+    let state = combine(views, replicas);
+    let participants = views
+        .values()
+        .map(|v| &v.participants)
+        .find(|p| !p.is_empty())
+        .cloned()
+        .unwrap_or_default();
+    let participants = participants
+        .iter()
+        .map(|p| pb::ParticipantStatus {
+            participant: Some(participant_to_pb(p)),
+            votes: views
+                .iter()
+                .filter_map(|(r, v)| {
+                    v.accepted.get(&p.id).map(|(ballot, vote)| pb::AcceptorVote {
+                        acceptor: *r,
+                        ballot: *ballot,
+                        vote: vote_to_pb(*vote),
+                    })
+                })
+                .collect(),
+            applied: views
+                .values()
+                .any(|v| v.finished || v.applied.contains(&p.id)),
+        })
+        .collect();
+    let (pb_state, expired) = match state {
+        TxnState::InProgress => (pb::TxnState::InProgress, false),
+        TxnState::Decided(paxos_commit_core::Outcome::Committed) => {
+            (pb::TxnState::Committed, false)
+        }
+        TxnState::Decided(paxos_commit_core::Outcome::Aborted) => (pb::TxnState::Aborted, false),
+        TxnState::Unknown { expired } => (pb::TxnState::Unknown, expired),
+    };
+    let mut resp = pb::StatusResponse {
+        txid: txn.to_string(),
+        state: pb_state as i32,
+        participants,
+        leader: txn.leader(),
+        expired,
+        promised_ballot: views.values().map(|v| v.promised).max().unwrap_or(0),
+        age_ms: 0,
+    };
+    if views.values().any(|v| v.open) {
+        resp.state = pb::TxnState::InProgress as i32;
+    }
+    resp
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Handle {
+    async fn begin(
+        &self,
+        req: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let timeout_ms = req.into_inner().timeout_ms;
+        let (txn, deadline) = self
+            .ask(|reply| Command::Begin { timeout_ms, reply })
+            .await?;
+        Ok(Response::new(pb::BeginResponse {
+            txid: txn.to_string(),
+            leader: self.cfg.id,
+            leader_address: self.cfg.replicas[self.cfg.id as usize].clone(),
+            deadline_unix_ms: deadline,
+        }))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let txn = parse_txid(&req.into_inner().txid)?;
+        self.decision(txn, |reply| Command::Commit {
+            txn,
+            until: Until::Decided,
+            reply,
+        })
+        .await
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let req = req.into_inner();
+        let txn = parse_txid(&req.txid)?;
+        let until = self.until(req.return_on_decision);
+        self.decision(txn, |reply| Command::Commit { txn, until, reply })
+            .await
+    }
+
+    async fn abort(
+        &self,
+        req: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let txn = parse_txid(&req.into_inner().txid)?;
+        let until = self.until(false);
+        self.decision(txn, |reply| Command::Abort { txn, until, reply })
+            .await
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let req = req.into_inner();
+        let txn = parse_txid(&req.txid)?;
+        let (local, _) = self.local_status(txn).await?;
+        let age_ms = match local.since {
+            Some(since) => self.info().await?.now_ms.saturating_sub(since),
+            None => 0,
+        };
+        let mut views = BTreeMap::new();
+        let decided = local.decided.is_some();
+        views.insert(self.cfg.id, local);
+        if !req.local_only && !decided {
+            // Ask the others: their acceptors may hold votes (or the decision) this one lacks.
+            let asks = self.peers.iter().enumerate().filter_map(|(i, p)| {
+                let mut p = p.clone()?;
+                let txid = req.txid.clone();
+                Some(async move {
+                    let r = p
+                        .get_status(pb::StatusRequest {
+                            txid,
+                            local_only: true,
+                        })
+                        .await;
+                    (i as u32, r)
+                })
+            });
+            for (i, r) in futures::future::join_all(asks).await {
+                if let Ok(r) = r {
+                    views.insert(i, view_from_pb(&r.into_inner()));
+                }
+            }
+        }
+        let mut resp = status_response(txn, &views, self.cfg.replicas.len() as u32);
+        resp.age_ms = age_ms;
+        Ok(Response::new(resp))
+    }
+
+    async fn enlist(&self, req: Request<pb::EnlistRequest>) -> Result<Response<pb::Empty>, Status> {
+        let req = req.into_inner();
+        let txn = parse_txid(&req.txid)?;
+        let participant = req
+            .participant
+            .as_ref()
+            .filter(|p| !p.id.is_empty() && !p.address.is_empty())
+            .map(participant_from_pb)
+            .ok_or_else(|| Status::invalid_argument("enlist needs a participant id and address"))?;
+        self.ask(|reply| Command::Enlist {
+            txn,
+            participant,
+            reply,
+        })
+        .await?
+        .map_err(|e| Status::from(CoordinatorError::from(e)))?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn resolve(
+        &self,
+        req: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let req = req.into_inner();
+        let txn = parse_txid(&req.txid)?;
+        let participant = Some(req.participant).filter(|p| !p.is_empty());
+        let participants = participants_from_pb(&req.participants);
+        self.decision(txn, |reply| Command::Resolve {
+            txn,
+            participant,
+            participants,
+            reply,
+        })
+        .await
+    }
+
+    async fn cluster_info(
+        &self,
+        _req: Request<pb::Empty>,
+    ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        let info = self.info().await?;
+        Ok(Response::new(pb::ClusterInfoResponse {
+            replica: self.cfg.id,
+            replicas: self.cfg.replicas.len() as u32,
+            group: self.cfg.group.clone(),
+            log_bytes: info.log_bytes,
+            leading: info.stats.leading as u64,
+            undecided: info.stats.undecided as u64,
+            oldest_undecided: info.stats.oldest_undecided.map(|(txn, since)| pb::ReplicaTxn {
+                txid: txn.to_string(),
+                state: pb::TxnState::InProgress as i32,
+                age_ms: info.now_ms.saturating_sub(since),
+                participants: Vec::new(),
+            }),
+            decided_retained: info.stats.decided_retained as u64,
+            fsyncs: info.counters.fsyncs,
+            records: info.counters.records,
+            sent: info
+                .sent
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        }))
+    }
+}
+
+/// Rebuilds a peer's local view from its status reply.
+fn view_from_pb(r: &pb::StatusResponse) -> LocalStatus {
+    let state = pb::TxnState::try_from(r.state).unwrap_or(pb::TxnState::Unknown);
+    let mut view = LocalStatus {
+        known: state != pb::TxnState::Unknown,
+        expired: r.expired,
+        decided: match state {
+            pb::TxnState::Committed => Some(paxos_commit_core::Outcome::Committed),
+            pb::TxnState::Aborted => Some(paxos_commit_core::Outcome::Aborted),
+            _ => None,
+        },
+        promised: r.promised_ballot,
+        ..LocalStatus::default()
+    };
+    for ps in &r.participants {
+        let Some(p) = &ps.participant else { continue };
+        view.participants.push(participant_from_pb(p));
+        for v in &ps.votes {
+            if let Ok(vote) = paxos_commit_proto::convert::vote_from_pb(v.vote) {
+                view.accepted.insert(p.id.clone(), (v.ballot, vote));
+            }
+        }
+        if ps.applied {
+            view.applied.insert(p.id.clone());
+        }
+    }
+    view
+}
+
+#[tonic::async_trait]
+impl pb::acceptor_server::Acceptor for Handle {
+    async fn deliver(&self, req: Request<pb::PaxosBatch>) -> Result<Response<pb::Empty>, Status> {
+        let batch = req.into_inner();
+        let msgs = batch
+            .messages
+            .iter()
+            .map(msg_from_pb)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.commands
+            .send(Command::Deliver { msgs })
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+        Ok(Response::new(pb::Empty {}))
+    }
+}
