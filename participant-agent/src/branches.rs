@@ -1,0 +1,563 @@
+//! The branches of one database: each transaction's statements run in one PostgreSQL
+//! transaction on one pooled connection, which is prepared, voted on and finished here.
+//!
+//! The only durable state is PostgreSQL's own: a branch this process lost (crash, restart)
+//! is either in `pg_prepared_xacts` under its gid, and is finished from there, or was rolled
+//! back by PostgreSQL when its connection dropped.
+
+use crate::coordinators::Coordinators;
+use crate::error::AgentError;
+use crate::values;
+use deadpool_postgres::{Object, Pool};
+use paxos_commit_core::types::{gid, parse_gid};
+use paxos_commit_core::{Outcome, Participant, TxnId, Vote};
+use paxos_commit_proto::pb;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_postgres::error::SqlState;
+
+enum State {
+    /// Created by the first Execute, not begun yet.
+    New,
+    /// A PostgreSQL transaction is open on `conn`; `failed` once a statement failed (the
+    /// branch can then only roll back).
+    Open {
+        conn: Object,
+        failed: Option<String>,
+    },
+    /// `PREPARE TRANSACTION` succeeded; the vote was Prepared.
+    Prepared {
+        participants: Vec<Participant>,
+        since: Instant,
+    },
+    /// The connection broke during `PREPARE TRANSACTION`: whether it prepared is unknown, so
+    /// no vote was sent. `pg_prepared_xacts` and the group's recovery settle it.
+    Uncertain {
+        participants: Vec<Participant>,
+        since: Instant,
+    },
+    Done(Outcome),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::New | State::Open { .. } => "open",
+            State::Prepared { .. } => "prepared",
+            State::Uncertain { .. } => "preparing",
+            State::Done(Outcome::Committed) => "committed",
+            State::Done(Outcome::Aborted) => "aborted",
+        }
+    }
+}
+
+struct Branch {
+    state: tokio::sync::Mutex<State>,
+    touched: Mutex<Instant>,
+    resolving: AtomicBool,
+}
+
+impl Branch {
+    fn new(state: State) -> Arc<Branch> {
+        Arc::new(Branch {
+            state: tokio::sync::Mutex::new(state),
+            touched: Mutex::new(Instant::now()),
+            resolving: AtomicBool::new(false),
+        })
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.touched.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn idle(&self) -> Duration {
+        self.touched.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
+/// What a prepared transaction of ours in `pg_prepared_xacts` looks like.
+pub struct PreparedRow {
+    pub gid: String,
+    pub txn: TxnId,
+    pub age_ms: u64,
+    pub database: String,
+}
+
+pub struct Branches {
+    group: String,
+    pool: Pool,
+    coordinators: Coordinators,
+    branches: Mutex<HashMap<TxnId, Arc<Branch>>>,
+}
+
+/// Statements that would take the branch's fate away from the coordinator.
+fn is_transaction_control(sql: &str) -> bool {
+    let mut words = sql.split_whitespace().map(|w| w.trim_end_matches(';').to_ascii_uppercase());
+    let first = words.next().unwrap_or_default();
+    match first.as_str() {
+        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" => true,
+        "PREPARE" => words.next().as_deref() == Some("TRANSACTION"),
+        _ => false,
+    }
+}
+
+impl Branches {
+    pub fn new(group: String, pool: Pool, coordinators: Coordinators) -> Branches {
+        Branches {
+            group,
+            pool,
+            coordinators,
+            branches: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn participant(&self) -> &str {
+        &self.coordinators.me().id
+    }
+
+    fn gid(&self, txn: TxnId) -> String {
+        gid(&self.group, txn, self.participant())
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<TxnId, Arc<Branch>>> {
+        // A panic while holding this lock leaves the map itself consistent.
+        self.branches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, txn: TxnId) -> Option<Arc<Branch>> {
+        self.map().get(&txn).cloned()
+    }
+
+    fn remove(&self, txn: TxnId) {
+        self.map().remove(&txn);
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Runs one statement in `txn`'s branch, opening the branch (and enlisting with the
+    /// leader) on the first one.
+    pub async fn execute(
+        &self,
+        txn: TxnId,
+        sql: &str,
+        params: &[pb::Value],
+    ) -> Result<pb::ExecuteResponse, AgentError> {
+        if sql.trim().is_empty() {
+            return Err(AgentError::BadRequest("empty SQL statement".into()));
+        }
+        if is_transaction_control(sql) {
+            return Err(AgentError::BadRequest(
+                "transaction control (BEGIN, COMMIT, ROLLBACK, PREPARE TRANSACTION) belongs to \
+                 the coordinator; send only the statements of the transaction"
+                    .into(),
+            ));
+        }
+        let branch = self
+            .map()
+            .entry(txn)
+            .or_insert_with(|| Branch::new(State::New))
+            .clone();
+        let mut state = branch.state.lock().await;
+        if matches!(*state, State::New) {
+            match self.begin(txn).await {
+                Ok(conn) => *state = State::Open { conn, failed: None },
+                Err(e) => {
+                    *state = State::Done(Outcome::Aborted);
+                    drop(state);
+                    self.remove(txn);
+                    return Err(e);
+                }
+            }
+        }
+        let State::Open { conn, failed } = &mut *state else {
+            return Err(AgentError::Closed {
+                txn,
+                state: state.name(),
+            });
+        };
+        if let Some(reason) = failed {
+            return Err(AgentError::BranchFailed {
+                txn,
+                reason: reason.clone(),
+            });
+        }
+        branch.touch();
+        match run(conn, sql, params).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                if e.aborts_branch() {
+                    *failed = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn begin(&self, txn: TxnId) -> Result<Object, AgentError> {
+        self.coordinators
+            .enlist(txn)
+            .await
+            .map_err(AgentError::Enlist)?;
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        conn.batch_execute("BEGIN").await.map_err(AgentError::sql)?;
+        Ok(conn)
+    }
+
+    /// Prepares the branch and votes. A definite failure votes Aborted; a connection lost
+    /// during PREPARE votes nothing.
+    pub async fn prepare(&self, txn: TxnId, participants: Vec<Participant>) -> Result<(), AgentError> {
+        let branch = match self.get(txn) {
+            Some(b) => b,
+            None => {
+                // Lost (restart, timeout) or never opened here: prepared only if PostgreSQL
+                // says so.
+                let vote = if self.is_prepared(txn).await? {
+                    self.map().insert(
+                        txn,
+                        Branch::new(State::Prepared {
+                            participants: participants.clone(),
+                            since: Instant::now(),
+                        }),
+                    );
+                    Vote::Prepared
+                } else {
+                    Vote::Aborted
+                };
+                self.coordinators.vote(txn, vote, &participants).await;
+                return Ok(());
+            }
+        };
+        let mut state = branch.state.lock().await;
+        let vote = match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
+            State::New => Some(Vote::Aborted),
+            State::Open { conn, failed: None } => {
+                let sql = format!("PREPARE TRANSACTION '{}'", self.gid(txn));
+                match conn.batch_execute(&sql).await {
+                    Ok(()) => {
+                        *state = State::Prepared {
+                            participants: participants.clone(),
+                            since: Instant::now(),
+                        };
+                        Some(Vote::Prepared)
+                    }
+                    // PostgreSQL refused and rolled the transaction back.
+                    Err(e) if e.as_db_error().is_some() => {
+                        tracing::info!(%txn, "PREPARE TRANSACTION refused: {e}");
+                        Some(Vote::Aborted)
+                    }
+                    Err(e) => {
+                        tracing::warn!(%txn, "connection lost during PREPARE TRANSACTION: {e}");
+                        *state = State::Uncertain {
+                            participants: participants.clone(),
+                            since: Instant::now(),
+                        };
+                        None
+                    }
+                }
+            }
+            State::Open {
+                conn,
+                failed: Some(_),
+            } => {
+                let _ = conn.batch_execute("ROLLBACK").await;
+                Some(Vote::Aborted)
+            }
+            prepared @ State::Prepared { .. } => {
+                *state = prepared;
+                Some(Vote::Prepared)
+            }
+            uncertain @ State::Uncertain { .. } => {
+                *state = uncertain;
+                None
+            }
+            State::Done(outcome) => {
+                *state = State::Done(outcome);
+                (outcome == Outcome::Aborted).then_some(Vote::Aborted)
+            }
+        };
+        drop(state);
+        if let Some(vote) = vote {
+            self.coordinators.vote(txn, vote, &participants).await;
+        }
+        Ok(())
+    }
+
+    /// Applies a decision; idempotent ("already finished" is success).
+    pub async fn decide(&self, txn: TxnId, outcome: Outcome) -> Result<(), AgentError> {
+        let Some(branch) = self.get(txn) else {
+            return self.finish_prepared(txn, outcome).await;
+        };
+        let mut state = branch.state.lock().await;
+        match std::mem::replace(&mut *state, State::Done(outcome)) {
+            State::New => {}
+            State::Open { conn, .. } => {
+                if outcome == Outcome::Committed {
+                    *state = State::Open { conn, failed: None };
+                    return Err(AgentError::NotPrepared { txn });
+                }
+                let _ = conn.batch_execute("ROLLBACK").await;
+            }
+            State::Prepared {
+                participants,
+                since,
+            } => {
+                if let Err(e) = self.finish_prepared(txn, outcome).await {
+                    *state = State::Prepared {
+                        participants,
+                        since,
+                    };
+                    return Err(e);
+                }
+            }
+            State::Uncertain {
+                participants,
+                since,
+            } => {
+                if let Err(e) = self.finish_prepared(txn, outcome).await {
+                    *state = State::Uncertain {
+                        participants,
+                        since,
+                    };
+                    return Err(e);
+                }
+            }
+            State::Done(previous) if previous != outcome => {
+                *state = State::Done(previous);
+                return Err(AgentError::Conflict {
+                    txn,
+                    applied: previous,
+                    asked: outcome,
+                });
+            }
+            State::Done(_) => {}
+        }
+        drop(state);
+        self.remove(txn);
+        Ok(())
+    }
+
+    /// `COMMIT PREPARED` / `ROLLBACK PREPARED` by gid. A gid that no longer exists was
+    /// finished before (by us, or by an operator), which is success.
+    async fn finish_prepared(&self, txn: TxnId, outcome: Outcome) -> Result<(), AgentError> {
+        match self.finish_gid(&self.gid(txn), outcome).await {
+            Err(AgentError::Sql { code, .. }) if code == *SqlState::UNDEFINED_OBJECT.code() => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn finish_gid(&self, gid: &str, outcome: Outcome) -> Result<(), AgentError> {
+        let verb = match outcome {
+            Outcome::Committed => "COMMIT",
+            Outcome::Aborted => "ROLLBACK",
+        };
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        conn.batch_execute(&format!("{verb} PREPARED '{gid}'"))
+            .await
+            .map_err(AgentError::sql)
+    }
+
+    async fn is_prepared(&self, txn: TxnId) -> Result<bool, AgentError> {
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        let row = conn
+            .query_opt(
+                "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1",
+                &[&self.gid(txn)],
+            )
+            .await
+            .map_err(AgentError::sql)?;
+        Ok(row.is_some())
+    }
+
+    /// Our prepared transactions, from PostgreSQL itself.
+    pub async fn list_prepared(&self) -> Result<Vec<PreparedRow>, AgentError> {
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        let rows = conn
+            .query(
+                "SELECT gid, database::text, \
+                        (extract(epoch FROM now() - prepared) * 1000)::int8 \
+                   FROM pg_prepared_xacts \
+                  WHERE gid LIKE 'pxc:%' AND database = current_database() \
+                  ORDER BY prepared",
+                &[],
+            )
+            .await
+            .map_err(AgentError::sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let gid: String = row.get(0);
+            let Some((group, txn, participant)) = parse_gid(&gid) else {
+                continue;
+            };
+            if group != self.group || participant != self.participant() {
+                continue;
+            }
+            out.push(PreparedRow {
+                txn,
+                database: row.get(1),
+                age_ms: row.get::<_, i64>(2).max(0) as u64,
+                gid,
+            });
+        }
+        Ok(out)
+    }
+
+    /// After a restart: every prepared transaction of ours is in doubt. Re-send its vote and
+    /// let the in-doubt sweep ask the group for the outcome.
+    pub async fn recover(&self) -> Result<usize, AgentError> {
+        let prepared = self.list_prepared().await?;
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now);
+        for row in &prepared {
+            self.map().insert(
+                row.txn,
+                Branch::new(State::Prepared {
+                    participants: Vec::new(),
+                    since: long_ago,
+                }),
+            );
+            self.coordinators.vote(row.txn, Vote::Prepared, &[]).await;
+        }
+        Ok(prepared.len())
+    }
+
+    /// The operator's last resort (txctl heuristic): finish a prepared transaction by gid.
+    pub async fn heuristic(&self, gid: &str, outcome: Outcome) -> Result<(), AgentError> {
+        let ours = parse_gid(gid)
+            .filter(|(g, _, p)| *g == self.group && *p == self.participant())
+            .map(|(_, txn, _)| txn)
+            .ok_or_else(|| {
+                AgentError::BadRequest(format!(
+                    "gid {gid:?} is not a transaction of participant {} in group {}",
+                    self.participant(),
+                    self.group
+                ))
+            })?;
+        self.finish_gid(gid, outcome).await?;
+        if let Some(branch) = self.get(ours) {
+            *branch.state.lock().await = State::Done(outcome);
+            self.remove(ours);
+        }
+        Ok(())
+    }
+
+    /// Periodic duties: roll back abandoned open branches, and ask the group about prepared
+    /// branches that waited too long for their decision.
+    pub async fn sweep(self: &Arc<Self>, branch_timeout: Duration, in_doubt_after: Duration) {
+        let branches: Vec<(TxnId, Arc<Branch>)> =
+            self.map().iter().map(|(t, b)| (*t, b.clone())).collect();
+        for (txn, branch) in branches {
+            let Ok(mut state) = branch.state.try_lock() else {
+                continue; // busy: not abandoned
+            };
+            match &*state {
+                State::Open { .. } | State::New if branch.idle() > branch_timeout => {
+                    if let State::Open { conn, .. } =
+                        std::mem::replace(&mut *state, State::Done(Outcome::Aborted))
+                    {
+                        tracing::info!(%txn, "rolling back a branch abandoned for {:?}", branch.idle());
+                        let _ = conn.batch_execute("ROLLBACK").await;
+                    }
+                    drop(state);
+                    self.remove(txn);
+                }
+                State::Prepared {
+                    participants,
+                    since,
+                }
+                | State::Uncertain {
+                    participants,
+                    since,
+                } if since.elapsed() > in_doubt_after => {
+                    if branch.resolving.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    let participants = participants.clone();
+                    drop(state);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        match this.coordinators.resolve(txn, &participants).await {
+                            Ok(outcome) => {
+                                if let Err(e) = this.decide(txn, outcome).await {
+                                    tracing::warn!(%txn, "could not apply the resolved outcome: {e}");
+                                }
+                            }
+                            Err(s) => tracing::info!(%txn, "in doubt, group not reachable: {}", s.message()),
+                        }
+                        branch.resolving.store(false, Ordering::Release);
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn run(
+    conn: &Object,
+    sql: &str,
+    params: &[pb::Value],
+) -> Result<pb::ExecuteResponse, AgentError> {
+    let stmt = conn.prepare_cached(sql).await.map_err(AgentError::sql)?;
+    if stmt.params().len() != params.len() {
+        return Err(AgentError::BadRequest(format!(
+            "the statement takes {} parameters, {} given",
+            stmt.params().len(),
+            params.len()
+        )));
+    }
+    let bound = params
+        .iter()
+        .zip(stmt.params())
+        .enumerate()
+        .map(|(i, (v, ty))| values::param(i, v, ty))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(AgentError::BadRequest)?;
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = bound
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    if stmt.columns().is_empty() {
+        let n = conn.execute(&stmt, &refs).await.map_err(AgentError::sql)?;
+        return Ok(pb::ExecuteResponse {
+            rows_affected: n,
+            ..Default::default()
+        });
+    }
+    let rows = conn.query(&stmt, &refs).await.map_err(AgentError::sql)?;
+    let columns = stmt.columns().iter().map(|c| c.name().to_string()).collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let values = (0..row.len())
+            .map(|i| values::column(row, i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(AgentError::BadRequest)?;
+        out.push(pb::Row { values });
+    }
+    Ok(pb::ExecuteResponse {
+        columns,
+        rows_affected: rows.len() as u64,
+        rows: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transaction_control;
+
+    #[test]
+    fn transaction_control_is_refused() {
+        for sql in ["COMMIT", "rollback;", "  begin", "PREPARE TRANSACTION 'x'", "end"] {
+            assert!(is_transaction_control(sql), "{sql}");
+        }
+        for sql in ["SELECT 1", "UPDATE t SET x = 1", "PREPARE foo AS SELECT 1", "SAVEPOINT a"] {
+            assert!(!is_transaction_control(sql), "{sql}");
+        }
+    }
+}
