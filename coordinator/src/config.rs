@@ -123,7 +123,7 @@ impl ConfigArgs {
             .clone()
             .or(file.replicas)
             .unwrap_or_else(|| vec!["127.0.0.1:7400".to_string()]);
-        if replicas.is_empty() || replicas.len() > 255 || replicas.len() % 2 == 0 {
+        if replicas.is_empty() || replicas.len() > 255 || replicas.len().is_multiple_of(2) {
             return Err(ConfigError::Invalid(format!(
                 "replicas must list 2F+1 addresses (1, 3, 5, ...), got {}",
                 replicas.len()

@@ -293,6 +293,9 @@ impl Driver {
                 self.compact();
             }
         }
+        if outputs.iter().any(|o| matches!(o, Output::Decided { .. })) {
+            paxos_commit_proto::crash_point("coordinator-after-decision");
+        }
         for o in outputs {
             match o {
                 Output::Persist(_) | Output::PersistLazy(_) => {}

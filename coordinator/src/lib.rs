@@ -40,10 +40,9 @@ pub async fn serve(
         CoordinatorError::InvalidArgument(format!("listen address {:?}: {e}", cfg.listen))
     })?;
     let dir = cfg.data_dir.clone();
-    let (log, records) =
-        tokio::task::spawn_blocking(move || DurableLog::<Record>::open(&dir))
-            .await
-            .map_err(|e| CoordinatorError::InvalidArgument(format!("log open task: {e}")))??;
+    let (log, records) = tokio::task::spawn_blocking(move || DurableLog::<Record>::open(&dir))
+        .await
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("log open task: {e}")))??;
     let epoch = Instant::now();
     let core = Replica::recover(cfg.core(), rand::random(), &records, 0);
     let stats = core.stats();

@@ -8,7 +8,7 @@ use paxos_commit_core::status::{combine, TxnState};
 use paxos_commit_core::{LocalStatus, TxnError, TxnId};
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::convert::{
-    msg_from_pb, outcome_to_pb, participant_from_pb, participants_from_pb, participant_to_pb,
+    msg_from_pb, outcome_to_pb, participant_from_pb, participant_to_pb, participants_from_pb,
     txid_from_pb, vote_to_pb,
 };
 use paxos_commit_proto::pb;
@@ -142,11 +142,13 @@ fn status_response(
             votes: views
                 .iter()
                 .filter_map(|(r, v)| {
-                    v.accepted.get(&p.id).map(|(ballot, vote)| pb::AcceptorVote {
-                        acceptor: *r,
-                        ballot: *ballot,
-                        vote: vote_to_pb(*vote),
-                    })
+                    v.accepted
+                        .get(&p.id)
+                        .map(|(ballot, vote)| pb::AcceptorVote {
+                            acceptor: *r,
+                            ballot: *ballot,
+                            vote: vote_to_pb(*vote),
+                        })
                 })
                 .collect(),
             applied: views
@@ -317,20 +319,19 @@ impl pb::coordinator_server::Coordinator for Handle {
             log_bytes: info.log_bytes,
             leading: info.stats.leading as u64,
             undecided: info.stats.undecided as u64,
-            oldest_undecided: info.stats.oldest_undecided.map(|(txn, since)| pb::ReplicaTxn {
-                txid: txn.to_string(),
-                state: pb::TxnState::InProgress as i32,
-                age_ms: info.now_ms.saturating_sub(since),
-                participants: Vec::new(),
-            }),
+            oldest_undecided: info
+                .stats
+                .oldest_undecided
+                .map(|(txn, since)| pb::ReplicaTxn {
+                    txid: txn.to_string(),
+                    state: pb::TxnState::InProgress as i32,
+                    age_ms: info.now_ms.saturating_sub(since),
+                    participants: Vec::new(),
+                }),
             decided_retained: info.stats.decided_retained as u64,
             fsyncs: info.counters.fsyncs,
             records: info.counters.records,
-            sent: info
-                .sent
-                .iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect(),
+            sent: info.sent.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         }))
     }
 }

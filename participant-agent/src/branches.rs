@@ -24,7 +24,7 @@ enum State {
     /// A PostgreSQL transaction is open on `conn`; `failed` once a statement failed (the
     /// branch can then only roll back).
     Open {
-        conn: Object,
+        conn: Box<Object>,
         failed: Option<String>,
     },
     /// `PREPARE TRANSACTION` succeeded; the vote was Prepared.
@@ -89,6 +89,9 @@ pub struct PreparedRow {
 
 pub struct Branches {
     group: String,
+    /// BEGIN with a lock timeout: PostgreSQL cannot see a deadlock that spans two
+    /// databases, so a branch waiting on a lock gives up and its transaction aborts.
+    begin_sql: String,
     pool: Pool,
     coordinators: Coordinators,
     branches: Mutex<HashMap<TxnId, Arc<Branch>>>,
@@ -96,7 +99,9 @@ pub struct Branches {
 
 /// Statements that would take the branch's fate away from the coordinator.
 fn is_transaction_control(sql: &str) -> bool {
-    let mut words = sql.split_whitespace().map(|w| w.trim_end_matches(';').to_ascii_uppercase());
+    let mut words = sql
+        .split_whitespace()
+        .map(|w| w.trim_end_matches(';').to_ascii_uppercase());
     let first = words.next().unwrap_or_default();
     match first.as_str() {
         "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" => true,
@@ -106,8 +111,17 @@ fn is_transaction_control(sql: &str) -> bool {
 }
 
 impl Branches {
-    pub fn new(group: String, pool: Pool, coordinators: Coordinators) -> Branches {
+    pub fn new(
+        group: String,
+        pool: Pool,
+        coordinators: Coordinators,
+        lock_timeout: Duration,
+    ) -> Branches {
         Branches {
+            begin_sql: format!(
+                "BEGIN; SET LOCAL lock_timeout = '{}ms'",
+                lock_timeout.as_millis()
+            ),
             group,
             pool,
             coordinators,
@@ -166,7 +180,12 @@ impl Branches {
         let mut state = branch.state.lock().await;
         if matches!(*state, State::New) {
             match self.begin(txn).await {
-                Ok(conn) => *state = State::Open { conn, failed: None },
+                Ok(conn) => {
+                    *state = State::Open {
+                        conn: Box::new(conn),
+                        failed: None,
+                    }
+                }
                 Err(e) => {
                     *state = State::Done(Outcome::Aborted);
                     drop(state);
@@ -205,13 +224,19 @@ impl Branches {
             .await
             .map_err(AgentError::Enlist)?;
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        conn.batch_execute("BEGIN").await.map_err(AgentError::sql)?;
+        conn.batch_execute(&self.begin_sql)
+            .await
+            .map_err(AgentError::sql)?;
         Ok(conn)
     }
 
     /// Prepares the branch and votes. A definite failure votes Aborted; a connection lost
     /// during PREPARE votes nothing.
-    pub async fn prepare(&self, txn: TxnId, participants: Vec<Participant>) -> Result<(), AgentError> {
+    pub async fn prepare(
+        &self,
+        txn: TxnId,
+        participants: Vec<Participant>,
+    ) -> Result<(), AgentError> {
         let branch = match self.get(txn) {
             Some(b) => b,
             None => {
@@ -240,6 +265,7 @@ impl Branches {
                 let sql = format!("PREPARE TRANSACTION '{}'", self.gid(txn));
                 match conn.batch_execute(&sql).await {
                     Ok(()) => {
+                        paxos_commit_proto::crash_point("agent-after-prepare");
                         *state = State::Prepared {
                             participants: participants.clone(),
                             since: Instant::now(),
@@ -284,6 +310,9 @@ impl Branches {
         drop(state);
         if let Some(vote) = vote {
             self.coordinators.vote(txn, vote, &participants).await;
+            if vote == Vote::Prepared {
+                paxos_commit_proto::crash_point("agent-after-vote");
+            }
         }
         Ok(())
     }
@@ -346,7 +375,9 @@ impl Branches {
     /// finished before (by us, or by an operator), which is success.
     async fn finish_prepared(&self, txn: TxnId, outcome: Outcome) -> Result<(), AgentError> {
         match self.finish_gid(&self.gid(txn), outcome).await {
-            Err(AgentError::Sql { code, .. }) if code == *SqlState::UNDEFINED_OBJECT.code() => Ok(()),
+            Err(AgentError::Sql { code, .. }) if code == *SqlState::UNDEFINED_OBJECT.code() => {
+                Ok(())
+            }
             other => other,
         }
     }
@@ -488,7 +519,9 @@ impl Branches {
                                     tracing::warn!(%txn, "could not apply the resolved outcome: {e}");
                                 }
                             }
-                            Err(s) => tracing::info!(%txn, "in doubt, group not reachable: {}", s.message()),
+                            Err(s) => {
+                                tracing::info!(%txn, "in doubt, group not reachable: {}", s.message())
+                            }
                         }
                         branch.resolving.store(false, Ordering::Release);
                     });
@@ -531,7 +564,11 @@ async fn run(
         });
     }
     let rows = conn.query(&stmt, &refs).await.map_err(AgentError::sql)?;
-    let columns = stmt.columns().iter().map(|c| c.name().to_string()).collect();
+    let columns = stmt
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let values = (0..row.len())
@@ -553,10 +590,21 @@ mod tests {
 
     #[test]
     fn transaction_control_is_refused() {
-        for sql in ["COMMIT", "rollback;", "  begin", "PREPARE TRANSACTION 'x'", "end"] {
+        for sql in [
+            "COMMIT",
+            "rollback;",
+            "  begin",
+            "PREPARE TRANSACTION 'x'",
+            "end",
+        ] {
             assert!(is_transaction_control(sql), "{sql}");
         }
-        for sql in ["SELECT 1", "UPDATE t SET x = 1", "PREPARE foo AS SELECT 1", "SAVEPOINT a"] {
+        for sql in [
+            "SELECT 1",
+            "UPDATE t SET x = 1",
+            "PREPARE foo AS SELECT 1",
+            "SAVEPOINT a",
+        ] {
             assert!(!is_transaction_control(sql), "{sql}");
         }
     }

@@ -33,6 +33,7 @@ struct FileConfig {
     pool_size: Option<usize>,
     branch_timeout_ms: Option<u64>,
     in_doubt_after_ms: Option<u64>,
+    lock_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -67,6 +68,10 @@ pub struct AgentArgs {
     /// A prepared branch without a decision this long (ms) asks the group for it.
     #[arg(long, env = "PAXOS_AGENT_IN_DOUBT_AFTER_MS")]
     pub in_doubt_after_ms: Option<u64>,
+    /// A statement waiting this long (ms) for a row lock fails and its transaction aborts
+    /// (PostgreSQL cannot detect deadlocks that span databases).
+    #[arg(long, env = "PAXOS_AGENT_LOCK_TIMEOUT_MS")]
+    pub lock_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +85,7 @@ pub struct AgentConfig {
     pub pool_size: usize,
     pub branch_timeout: Duration,
     pub in_doubt_after: Duration,
+    pub lock_timeout: Duration,
 }
 
 impl AgentArgs {
@@ -159,6 +165,12 @@ impl AgentArgs {
                 self.in_doubt_after_ms
                     .or(file.in_doubt_after_ms)
                     .unwrap_or(3_000),
+            ),
+            lock_timeout: Duration::from_millis(
+                self.lock_timeout_ms
+                    .or(file.lock_timeout_ms)
+                    .unwrap_or(2_000)
+                    .max(1),
             ),
         })
     }

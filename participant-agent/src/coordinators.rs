@@ -3,7 +3,9 @@
 
 use paxos_commit_core::{participant, Outcome, Participant, TxnId, Vote};
 use paxos_commit_proto::client::{lazy_channel, ClientError};
-use paxos_commit_proto::convert::{msg_to_pb, outcome_from_pb, participant_to_pb, participants_to_pb};
+use paxos_commit_proto::convert::{
+    msg_to_pb, outcome_from_pb, participant_to_pb, participants_to_pb,
+};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;

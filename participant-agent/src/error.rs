@@ -64,6 +64,8 @@ impl From<AgentError> for Status {
             AgentError::BadRequest(_) => Status::invalid_argument(msg),
             AgentError::Sql { code, .. } => {
                 let code = match &code[..2.min(code.len())] {
+                    // lock timeout: like a deadlock, retryable
+                    _ if code == "55P03" => Code::Aborted,
                     // syntax, undefined objects, bad data
                     "42" | "22" | "0A" | "26" | "34" | "3F" => Code::InvalidArgument,
                     // integrity constraints (CHECK, UNIQUE, FK, NOT NULL)

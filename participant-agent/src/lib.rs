@@ -47,9 +47,14 @@ pub async fn serve(
         .map_err(|e| ServeError::Startup(format!("listen address {:?}: {e}", cfg.listen)))?;
     let pool = startup::prepare_database(&cfg).await?;
     let me = Participant::new(cfg.participant.clone(), cfg.advertise.clone());
-    let coordinators = Coordinators::new(&cfg.coordinators, me)
-        .map_err(|e| ServeError::Startup(e.to_string()))?;
-    let branches = Arc::new(Branches::new(cfg.group.clone(), pool, coordinators));
+    let coordinators =
+        Coordinators::new(&cfg.coordinators, me).map_err(|e| ServeError::Startup(e.to_string()))?;
+    let branches = Arc::new(Branches::new(
+        cfg.group.clone(),
+        pool,
+        coordinators,
+        cfg.lock_timeout,
+    ));
     let in_doubt = branches
         .recover()
         .await

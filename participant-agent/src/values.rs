@@ -52,7 +52,10 @@ impl ToSql for Param {
 pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String> {
     let n = index + 1;
     let mismatch = |what: &str| format!("parameter ${n}: cannot bind {what} to type {ty}");
-    let is_text = matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN);
+    let is_text = matches!(
+        *ty,
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN
+    );
     Ok(match value.kind.as_ref() {
         None | Some(Kind::Null(_)) => Param::Null,
         Some(Kind::Bool(v)) => match *ty {
@@ -81,9 +84,7 @@ pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String
                 let i: i64 = v.parse().map_err(|_| mismatch("non-numeric text"))?;
                 return param(index, &pb::Value::from(i), ty);
             }
-            _ => {
-                return Err(mismatch("text") + " (cast the parameter, e.g. $1::text::numeric)")
-            }
+            _ => return Err(mismatch("text") + " (cast the parameter, e.g. $1::text::numeric)"),
         },
         Some(Kind::Bytes(v)) => match *ty {
             Type::BYTEA => Param::Bytes(v.clone()),
@@ -102,7 +103,10 @@ pub fn column(row: &Row, i: usize) -> Result<pb::Value, String> {
     let name = row.columns()[i].name().to_string();
     let err = |e: tokio_postgres::Error| format!("column {name}: {e}");
     let v = match ty {
-        Type::BOOL => row.try_get::<_, Option<bool>>(i).map_err(err)?.map(Kind::Bool),
+        Type::BOOL => row
+            .try_get::<_, Option<bool>>(i)
+            .map_err(err)?
+            .map(Kind::Bool),
         Type::INT2 => row
             .try_get::<_, Option<i16>>(i)
             .map_err(err)?
@@ -111,16 +115,26 @@ pub fn column(row: &Row, i: usize) -> Result<pb::Value, String> {
             .try_get::<_, Option<i32>>(i)
             .map_err(err)?
             .map(|v| Kind::Int(v.into())),
-        Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(err)?.map(Kind::Int),
+        Type::INT8 => row
+            .try_get::<_, Option<i64>>(i)
+            .map_err(err)?
+            .map(Kind::Int),
         Type::FLOAT4 => row
             .try_get::<_, Option<f32>>(i)
             .map_err(err)?
             .map(|v| Kind::Float(v.into())),
-        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i).map_err(err)?.map(Kind::Float),
-        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
-            row.try_get::<_, Option<String>>(i).map_err(err)?.map(Kind::Text)
-        }
-        Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i).map_err(err)?.map(Kind::Bytes),
+        Type::FLOAT8 => row
+            .try_get::<_, Option<f64>>(i)
+            .map_err(err)?
+            .map(Kind::Float),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => row
+            .try_get::<_, Option<String>>(i)
+            .map_err(err)?
+            .map(Kind::Text),
+        Type::BYTEA => row
+            .try_get::<_, Option<Vec<u8>>>(i)
+            .map_err(err)?
+            .map(Kind::Bytes),
         other => {
             return Err(format!(
                 "column {name} has type {other}, which is not returned as is: cast it in the \

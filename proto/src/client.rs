@@ -104,8 +104,10 @@ pub struct Client {
 
 /// Errors that mean "this replica did not get the request", so another one may be asked.
 fn is_unreachable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
-        && !s.message().contains("majority")
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    ) && !s.message().contains("majority")
 }
 
 impl Client {

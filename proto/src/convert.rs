@@ -66,7 +66,8 @@ pub fn outcome_from_pb(o: i32) -> Result<Outcome, BadMessage> {
 }
 
 pub fn txid_from_pb(s: &str) -> Result<TxnId, BadMessage> {
-    s.parse().map_err(|e: paxos_commit_core::types::BadTxnId| BadMessage(e.to_string()))
+    s.parse()
+        .map_err(|e: paxos_commit_core::types::BadTxnId| BadMessage(e.to_string()))
 }
 
 /// A replica-to-replica or agent-to-replica message on the wire. Agent-bound messages

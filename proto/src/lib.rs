@@ -32,3 +32,31 @@ pub async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
+
+/// Fault injection for the kill -9 tests: when the environment names this crash point in
+/// `PAXOS_COMMIT_CRASH_POINT`, the process SIGKILLs itself here (no destructors, no flush, as
+/// an operator's kill -9 would), once: `PAXOS_COMMIT_CRASH_ONCE` names a marker file that
+/// is created first, and a marker that exists disarms the point after a restart.
+pub fn crash_point(name: &str) {
+    use std::sync::OnceLock;
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("PAXOS_COMMIT_CRASH_POINT").ok());
+    if armed.as_deref() != Some(name) {
+        return;
+    }
+    if let Ok(marker) = std::env::var("PAXOS_COMMIT_CRASH_ONCE") {
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .is_err()
+        {
+            return;
+        }
+    }
+    eprintln!("crash point {name}: killing this process with SIGKILL");
+    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}

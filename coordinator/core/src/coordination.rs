@@ -5,6 +5,9 @@
 use crate::types::{majority, Ballot, Outcome, Participant, ReplicaId, Vote};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// One acceptor's phase 1b: every (instance, ballot, value) it accepted.
+pub type Promise = Vec<(String, Ballot, Vote)>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {
     /// Begun here; participants are enlisting; nothing is prepared yet.
@@ -25,7 +28,7 @@ pub struct Coordination {
     /// The ballot this replica drives; 0 while it relies on the participants' own votes.
     pub ballot: Ballot,
     /// Phase 1b replies for `ballot`, while phase 1 runs.
-    pub promises: Option<BTreeMap<ReplicaId, Vec<(String, Ballot, Vote)>>>,
+    pub promises: Option<BTreeMap<ReplicaId, Promise>>,
     /// (instance, ballot) → value and the acceptors that accepted it.
     pub tally: BTreeMap<(String, Ballot), (Vote, BTreeSet<ReplicaId>)>,
     /// Instances whose value is chosen.

@@ -281,6 +281,7 @@ impl Replica {
         if coord.participants.is_empty() {
             // Nothing to prepare: a transaction that touched no database commits trivially.
             self.decide(now, txn, Outcome::Committed, String::new());
+            self.deliver_loopback(now);
             return Ok(Some(Outcome::Committed));
         }
         let participants = coord.participant_list();
@@ -353,6 +354,8 @@ impl Replica {
         let in_phase1 = coord.promises.is_some();
         if !in_phase1 {
             self.start_phase1(now, txn);
+            // This replica's own 1a (and, with one replica, the whole round) is loopback.
+            self.deliver_loopback(now);
         }
         Ok(self.known_decision(txn))
     }

@@ -1,0 +1,330 @@
+//! A whole deployment on loopback for tests, the demo and benchmarks: one PostgreSQL cluster
+//! and one participant agent per database, and 2F+1 coordinator replicas, all real processes
+//! from the built binaries. Everything stops when the `Cluster` is dropped.
+
+use crate::pg::PgCluster;
+use crate::process::{binary_path, free_port, Proc, TestDir};
+use anyhow::{bail, Context, Result};
+use paxos_commit_proto::client::{Client, ClientConfig};
+use paxos_commit_proto::pb;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Test name: labels directories and logs.
+    pub name: String,
+    /// 2F+1.
+    pub replicas: usize,
+    /// Participant ids; each gets its own PostgreSQL cluster and agent.
+    pub participants: Vec<String>,
+    pub takeover_after_ms: u64,
+    pub branch_timeout_ms: u64,
+    pub in_doubt_after_ms: u64,
+    pub commit_timeout_ms: u64,
+    pub group: String,
+    /// Extra environment for every process (RUST_LOG, ...).
+    pub env: Vec<(String, String)>,
+    /// Extra environment for one agent (e.g. a crash point).
+    pub agent_env: BTreeMap<String, Vec<(String, String)>>,
+    /// Extra environment for one replica.
+    pub replica_env: BTreeMap<usize, Vec<(String, String)>>,
+}
+
+impl Spec {
+    /// Arms a one-shot crash point (see `paxos_commit_proto::crash_point`) in an agent.
+    pub fn crash_agent_at(
+        mut self,
+        participant: &str,
+        point: &str,
+        marker: &std::path::Path,
+    ) -> Spec {
+        self.agent_env
+            .entry(participant.to_string())
+            .or_default()
+            .extend(crash_env(point, marker));
+        self
+    }
+
+    /// Arms a one-shot crash point in a replica.
+    pub fn crash_replica_at(
+        mut self,
+        replica: usize,
+        point: &str,
+        marker: &std::path::Path,
+    ) -> Spec {
+        self.replica_env
+            .entry(replica)
+            .or_default()
+            .extend(crash_env(point, marker));
+        self
+    }
+
+    pub fn new(name: &str, replicas: usize, participants: &[&str]) -> Spec {
+        Spec {
+            name: name.to_string(),
+            replicas,
+            participants: participants.iter().map(|s| s.to_string()).collect(),
+            takeover_after_ms: 1_000,
+            branch_timeout_ms: 30_000,
+            in_doubt_after_ms: 1_000,
+            commit_timeout_ms: 10_000,
+            group: "test".to_string(),
+            agent_env: BTreeMap::new(),
+            replica_env: BTreeMap::new(),
+            env: vec![(
+                "RUST_LOG".to_string(),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
+            )],
+        }
+    }
+}
+
+pub struct Cluster {
+    pub spec: Spec,
+    pub replicas: Vec<Proc>,
+    pub replica_addrs: Vec<String>,
+    pub agents: BTreeMap<String, Proc>,
+    pub agent_addrs: BTreeMap<String, String>,
+    pub pgs: BTreeMap<String, PgCluster>,
+    pub client: Client,
+    // Dropped last: processes first, then their directory.
+    pub dir: TestDir,
+}
+
+fn crash_env(point: &str, marker: &std::path::Path) -> Vec<(String, String)> {
+    vec![
+        ("PAXOS_COMMIT_CRASH_POINT".into(), point.into()),
+        (
+            "PAXOS_COMMIT_CRASH_ONCE".into(),
+            marker.display().to_string(),
+        ),
+    ]
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+impl Cluster {
+    pub async fn start(spec: Spec) -> Result<Cluster> {
+        let dir = TestDir::new(&spec.name)?;
+        let names: Vec<&str> = spec.participants.iter().map(String::as_str).collect();
+        let pgs = tokio::task::block_in_place(|| PgCluster::start_all(&names))?;
+        let pgs: BTreeMap<String, PgCluster> = spec.participants.iter().cloned().zip(pgs).collect();
+
+        let replica_addrs: Vec<String> = (0..spec.replicas)
+            .map(|_| free_port().map(addr))
+            .collect::<Result<_>>()?;
+        let coordinator = binary_path("coordinator")?;
+        let mut replicas = Vec::new();
+        for i in 0..spec.replicas {
+            let args = vec![
+                "--id".into(),
+                i.to_string(),
+                "--group".into(),
+                spec.group.clone(),
+                "--replicas".into(),
+                replica_addrs.join(","),
+                "--data-dir".into(),
+                dir.join(format!("replica-{i}")).display().to_string(),
+                "--takeover-after-ms".into(),
+                spec.takeover_after_ms.to_string(),
+                "--commit-timeout-ms".into(),
+                spec.commit_timeout_ms.to_string(),
+            ];
+            let mut env = spec.env.clone();
+            env.extend(spec.replica_env.get(&i).cloned().unwrap_or_default());
+            replicas.push(Proc::spawn(
+                &format!("replica-{i}"),
+                &coordinator,
+                &args,
+                &env,
+                dir.join(format!("replica-{i}.log")),
+            )?);
+        }
+
+        let agent_bin = binary_path("participant-agent")?;
+        let mut agents = BTreeMap::new();
+        let mut agent_addrs = BTreeMap::new();
+        for (p, pg) in &pgs {
+            let listen = addr(free_port()?);
+            let args = vec![
+                "--participant".into(),
+                p.clone(),
+                "--group".into(),
+                spec.group.clone(),
+                "--database-url".into(),
+                pg.url(),
+                "--listen".into(),
+                listen.clone(),
+                "--coordinators".into(),
+                replica_addrs.join(","),
+                "--branch-timeout-ms".into(),
+                spec.branch_timeout_ms.to_string(),
+                "--in-doubt-after-ms".into(),
+                spec.in_doubt_after_ms.to_string(),
+            ];
+            let mut env = spec.env.clone();
+            env.extend(spec.agent_env.get(p).cloned().unwrap_or_default());
+            agents.insert(
+                p.clone(),
+                Proc::spawn(
+                    &format!("agent-{p}"),
+                    &agent_bin,
+                    &args,
+                    &env,
+                    dir.join(format!("agent-{p}.log")),
+                )?,
+            );
+            agent_addrs.insert(p.clone(), listen);
+        }
+
+        let client = Client::new(&ClientConfig {
+            replicas: replica_addrs.clone(),
+            agents: agent_addrs.clone(),
+            rpc_timeout: Some(Duration::from_secs(30)),
+        })?;
+        let cluster = Cluster {
+            spec,
+            replicas,
+            replica_addrs,
+            agents,
+            agent_addrs,
+            pgs,
+            client,
+            dir,
+        };
+        for i in 0..cluster.replicas.len() {
+            cluster.wait_replica(i).await?;
+        }
+        for p in cluster.spec.participants.clone() {
+            cluster.wait_agent(&p).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn sock(a: &str) -> Result<SocketAddr> {
+        a.parse().with_context(|| format!("address {a}"))
+    }
+
+    pub async fn wait_replica(&self, i: usize) -> Result<()> {
+        let proc = &self.replicas[i];
+        proc.wait_for_port(Self::sock(&self.replica_addrs[i])?, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("replica {i} did not start:\n{}", proc.log_tail(30)))
+    }
+
+    pub async fn wait_agent(&self, p: &str) -> Result<()> {
+        let proc = self.agent(p)?;
+        proc.wait_for_port(Self::sock(&self.agent_addrs[p])?, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("agent {p} did not start:\n{}", proc.log_tail(30)))
+    }
+
+    pub fn agent(&self, p: &str) -> Result<&Proc> {
+        self.agents.get(p).with_context(|| format!("no agent {p}"))
+    }
+
+    pub fn pg(&self, p: &str) -> Result<&PgCluster> {
+        self.pgs.get(p).with_context(|| format!("no database {p}"))
+    }
+
+    /// A direct connection to a participant's database (to check what really happened).
+    pub async fn db(&self, p: &str) -> Result<tokio_postgres::Client> {
+        self.pg(p)?.connect().await
+    }
+
+    /// Runs SQL directly on every participant's database (schema set-up).
+    pub async fn setup_sql(&self, sql: &str) -> Result<()> {
+        for p in self.pgs.keys() {
+            self.db(p)
+                .await?
+                .batch_execute(sql)
+                .await
+                .with_context(|| format!("set-up SQL on {p}"))?;
+        }
+        Ok(())
+    }
+
+    /// Prepared transactions of our group on a participant's database.
+    pub async fn prepared(&self, p: &str) -> Result<Vec<String>> {
+        let db = self.db(p).await?;
+        let rows = db
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'pxc:%' ORDER BY gid",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Waits until no participant's database holds a prepared transaction of ours.
+    pub async fn wait_no_prepared(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let mut left = Vec::new();
+            for p in self.pgs.keys() {
+                for gid in self.prepared(p).await? {
+                    left.push(gid);
+                }
+            }
+            if left.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "still prepared after {timeout:?}: {left:?}\n{}",
+                    self.logs_tail(15)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The last lines of every process's log, for failure messages.
+    pub fn logs_tail(&self, n: usize) -> String {
+        let mut s = String::new();
+        for p in self.replicas.iter().chain(self.agents.values()) {
+            s.push_str(&format!("--- {} ---\n{}\n", p.name(), p.log_tail(n)));
+        }
+        s
+    }
+
+    pub async fn restart_replica(&self, i: usize) -> Result<()> {
+        self.replicas[i].restart()?;
+        self.wait_replica(i).await
+    }
+
+    pub async fn restart_agent(&self, p: &str) -> Result<()> {
+        self.agent(p)?.restart()?;
+        self.wait_agent(p).await
+    }
+
+    /// Status from any replica.
+    pub async fn status(&self, txid: &str) -> Result<pb::StatusResponse> {
+        Ok(self.client.status(txid).await?)
+    }
+
+    /// Waits until GetStatus says the transaction is decided; returns the state.
+    pub async fn wait_decided(&self, txid: &str, timeout: Duration) -> Result<pb::TxnState> {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = self.client.status(txid).await {
+                let state = pb::TxnState::try_from(s.state).unwrap_or(pb::TxnState::Unknown);
+                if matches!(state, pb::TxnState::Committed | pb::TxnState::Aborted) {
+                    return Ok(state);
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{txid} not decided after {timeout:?}\n{}",
+                    self.logs_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
