@@ -114,6 +114,15 @@ fn profile_args() -> Vec<String> {
     }
 }
 
+/// Builds the workspace binaries with the running executable's profile, even if they exist,
+/// so that a demo or a benchmark never runs stale servers. Quick when nothing changed.
+pub fn ensure_fresh_binaries() -> Result<()> {
+    if std::env::var_os(BIN_DIR_ENV).is_some() {
+        return Ok(());
+    }
+    build_workspace_binaries_once()
+}
+
 fn build_workspace_binaries_once() -> Result<()> {
     // The outcome is remembered so that concurrent tests wait for one build instead of racing
     // several cargos on the same target lock, and a broken build is reported once, not retried.
