@@ -196,6 +196,7 @@ impl Driver {
                 let _ = reply.send(self.core.enlist(now, txn, participant));
             }
             Command::Commit { txn, until, reply } => {
+                paxos_commit_proto::crash_point("coordinator-before-prepare");
                 let result = self.core.commit(now, txn);
                 self.answer_or_wait(txn, until, result, reply);
             }
@@ -284,6 +285,10 @@ impl Driver {
             if let Err(e) = result {
                 tracing::error!("acceptor log failed, stopping this replica: {e}");
                 std::process::exit(70);
+            }
+            if batch.iter().any(|r| matches!(r, Record::Accept { .. })) {
+                // Durable here, but the phase 2b has not left.
+                paxos_commit_proto::crash_point("coordinator-after-accept");
             }
             self.counters.fsyncs += 1;
             self.counters.records += batch.len() as u64;

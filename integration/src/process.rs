@@ -40,10 +40,9 @@ pub fn workspace_root() -> PathBuf {
 /// Path of the workspace binary `name` (`coordinator`, `txctl`, `participant-agent`, ...).
 ///
 /// Looks in [`BIN_DIR_ENV`] if set (and only there), else in the target directory the running
-/// test was built into, else in `<workspace>/target/debug`. `cargo test -p X` does not build the
-/// binaries of other packages, so when the binary is missing this runs `cargo build --bins` for
-/// the whole workspace once per process and looks again. A binary that exists is used as is:
-/// it may be stale if its sources changed since it was built (`.ci/run` builds first).
+/// test was built into, else in `<workspace>/target/debug`. `cargo test` does not rebuild the
+/// binaries of other packages, so this runs `cargo build --workspace --bins` (with the running
+/// executable's profile) once per process before looking.
 pub fn binary_path(name: &str) -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         let path = PathBuf::from(dir).join(name);
@@ -55,12 +54,11 @@ pub fn binary_path(name: &str) -> Result<PathBuf> {
             path.display()
         );
     }
+    // Always (once per process) let cargo bring the binaries up to date: a test must never
+    // run a stale server. When nothing changed this takes about a second.
     let candidates = binary_dirs();
-    if let Some(path) = find_in(&candidates, name) {
-        return Ok(path);
-    }
     build_workspace_binaries_once()
-        .with_context(|| format!("binary {name:?} is missing and building it failed"))?;
+        .with_context(|| format!("building the workspace binaries for {name:?} failed"))?;
     find_in(&candidates, name).ok_or_else(|| {
         anyhow!(
             "binary {name:?} not found after `cargo build --bins`; searched {}",
@@ -112,15 +110,6 @@ fn profile_args() -> Vec<String> {
         "release" => vec!["--release".to_owned()],
         other => vec!["--profile".to_owned(), other.to_owned()],
     }
-}
-
-/// Builds the workspace binaries with the running executable's profile, even if they exist,
-/// so that a demo or a benchmark never runs stale servers. Quick when nothing changed.
-pub fn ensure_fresh_binaries() -> Result<()> {
-    if std::env::var_os(BIN_DIR_ENV).is_some() {
-        return Ok(());
-    }
-    build_workspace_binaries_once()
 }
 
 fn build_workspace_binaries_once() -> Result<()> {

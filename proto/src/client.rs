@@ -107,7 +107,7 @@ fn is_unreachable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
-    ) && !s.message().contains("majority")
+    ) && !s.message().contains("outcome is unknown")
 }
 
 impl Client {
@@ -307,7 +307,10 @@ impl Transaction {
                 }
                 Err(s) if is_unreachable(&s) => last = s,
                 Err(s) if s.code() == Code::NotFound && k > 0 => last = s,
-                Err(s) if s.code() == Code::DeadlineExceeded => {
+                Err(s)
+                    if s.code() == Code::DeadlineExceeded
+                        || s.message().contains("outcome is unknown") =>
+                {
                     return Err(ClientError::OutcomeUnknown {
                         txid: self.txid.clone(),
                         status: s,

@@ -8,7 +8,6 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
-use paxos_commit_integration::process::ensure_fresh_binaries;
 use paxos_commit_proto::pb;
 use rand::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,8 +68,6 @@ async fn run(args: Args) -> Result<()> {
     if args.databases < 2 {
         bail!("--databases must be at least 2");
     }
-    println!("building the servers (cargo build --bins) ...");
-    tokio::task::block_in_place(ensure_fresh_binaries)?;
     let names: Vec<String> = (0..args.databases)
         .map(|i| format!("bank_{}", (b'a' + i as u8) as char))
         .collect();

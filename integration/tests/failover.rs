@@ -1,0 +1,172 @@
+//! Step 2 end to end: three replicas (F = 1). The leader is killed with kill -9 at each step
+//! of the protocol and another replica finishes the transaction; one replica down for good
+//! does not stop commits; two down make Commit fail with Unavailable (outcome unknown) and
+//! nothing is committed or aborted until a majority is back.
+
+use anyhow::Result;
+use paxos_commit_integration::bank::{self, TransferOutcome};
+use paxos_commit_integration::cluster::{Cluster, Spec};
+use paxos_commit_proto::client::ClientError;
+use paxos_commit_proto::pb;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const A: &str = "bank_a";
+const B: &str = "bank_b";
+
+async fn three_replicas(mut spec: Spec) -> Result<Cluster> {
+    spec.commit_timeout_ms = 4_000;
+    spec.branch_timeout_ms = 4_000;
+    let cluster = Cluster::start(spec).await?;
+    bank::create_accounts(&cluster, 4, 100).await?;
+    Ok(cluster)
+}
+
+async fn assert_settled(c: &Cluster, txid: &str) -> Result<pb::TxnState> {
+    let start = Instant::now();
+    c.wait_no_prepared(Duration::from_secs(10)).await?;
+    let total: i64 = bank::totals(c).await?.values().sum();
+    assert_eq!(total, 800, "money created or destroyed");
+    let rows = bank::rows_of(c, txid).await?;
+    let state = match c.wait_decided(txid, Duration::from_secs(10)).await {
+        Ok(s) => s,
+        Err(_) => pb::TxnState::Unknown,
+    };
+    match state {
+        pb::TxnState::Committed => assert!(rows.values().all(|n| *n == 1), "{rows:?}"),
+        _ => assert!(rows.values().all(|n| *n == 0), "{state:?} {rows:?}"),
+    }
+    eprintln!(
+        "{txid}: {state:?} after {:?}, rows {rows:?}",
+        start.elapsed()
+    );
+    Ok(state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_before_any_vote() -> Result<()> {
+    let markers = tempfile::tempdir()?;
+    let spec = Spec::new("leader-kill-a", 3, &[A, B]).crash_replica_at(
+        0,
+        "coordinator-before-prepare",
+        &markers.path().join("r0"),
+    );
+    let c = three_replicas(spec).await?;
+    let (txid, outcome) = bank::transfer(&c.client, (A, 1), (B, 1), 10).await?;
+    c.replicas[0].wait_exit(Duration::from_secs(5))?;
+    eprintln!("leader killed before prepare: client saw {outcome:?}");
+    assert!(
+        !matches!(outcome, TransferOutcome::Committed),
+        "{outcome:?}"
+    );
+    // Nothing was prepared; the agents roll their open branches back on their own.
+    assert_eq!(assert_settled(&c, &txid).await?, pb::TxnState::Unknown);
+    assert_eq!(bank::balance(&c, A, 1).await?, 100);
+    // Later transfers go to the surviving replicas.
+    let (_, next) = bank::transfer(&c.client, (A, 2), (B, 2), 5).await?;
+    assert_eq!(next, TransferOutcome::Committed);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_after_an_acceptance() -> Result<()> {
+    let markers = tempfile::tempdir()?;
+    let spec = Spec::new("leader-kill-b", 3, &[A, B]).crash_replica_at(
+        0,
+        "coordinator-after-accept",
+        &markers.path().join("r0"),
+    );
+    let c = three_replicas(spec).await?;
+    let (txid, outcome) = bank::transfer(&c.client, (A, 1), (B, 1), 10).await?;
+    c.replicas[0].wait_exit(Duration::from_secs(5))?;
+    eprintln!("leader killed after its acceptor accepted a vote: client saw {outcome:?}");
+    let state = assert_settled(&c, &txid).await?;
+    // Both agents voted Prepared to all three acceptors; replicas 1 and 2 form a majority
+    // that accepted both, so the takeover must find and re-propose them.
+    assert_eq!(state, pb::TxnState::Committed);
+    if let TransferOutcome::Aborted(why) = outcome {
+        panic!("client told aborted ({why}) for a committed transaction");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_after_the_decision() -> Result<()> {
+    let markers = tempfile::tempdir()?;
+    let spec = Spec::new("leader-kill-c", 3, &[A, B]).crash_replica_at(
+        0,
+        "coordinator-after-decision",
+        &markers.path().join("r0"),
+    );
+    let c = three_replicas(spec).await?;
+    let (txid, outcome) = bank::transfer(&c.client, (A, 1), (B, 1), 10).await?;
+    c.replicas[0].wait_exit(Duration::from_secs(5))?;
+    eprintln!("leader killed after deciding: client saw {outcome:?}");
+    assert_eq!(assert_settled(&c, &txid).await?, pb::TxnState::Committed);
+    assert_eq!(bank::balance(&c, A, 1).await?, 90);
+    assert_eq!(bank::balance(&c, B, 1).await?, 110);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_replica_down_for_good_commits_continue() -> Result<()> {
+    let c = three_replicas(Spec::new("one-down", 3, &[A, B])).await?;
+    c.replicas[2].kill9()?;
+    for i in 0..20 {
+        let (txid, outcome) =
+            bank::transfer(&c.client, (A, 1 + i % 4), (B, 1 + (i + 1) % 4), 1).await?;
+        assert_eq!(outcome, TransferOutcome::Committed, "{txid}");
+    }
+    // And with the first replica down instead (clients move to another one).
+    c.restart_replica(2).await?;
+    c.replicas[0].kill9()?;
+    for i in 0..20 {
+        let (txid, outcome) =
+            bank::transfer(&c.client, (A, 1 + i % 4), (B, 1 + (i + 1) % 4), 1).await?;
+        assert_eq!(outcome, TransferOutcome::Committed, "{txid}");
+    }
+    c.wait_no_prepared(Duration::from_secs(10)).await?;
+    assert_eq!(bank::totals(&c).await?.values().sum::<i64>(), 800);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_of_three_down_blocks_safely_and_recovers() -> Result<()> {
+    let c = three_replicas(Spec::new("two-down", 3, &[A, B])).await?;
+    let txn = c.client.begin().await?;
+    assert_eq!(txn.leader(), 0);
+    txn.execute(
+        A,
+        "UPDATE accounts SET balance = balance - 7 WHERE id = 1",
+        &[],
+    )
+    .await?;
+    txn.execute(
+        B,
+        "UPDATE accounts SET balance = balance + 7 WHERE id = 1",
+        &[],
+    )
+    .await?;
+    c.replicas[1].kill9()?;
+    c.replicas[2].kill9()?;
+    let err = txn.commit().await.expect_err("no majority: no decision");
+    eprintln!("commit with two of three replicas down: {err}");
+    assert!(matches!(err, ClientError::OutcomeUnknown { .. }), "{err:?}");
+    assert_eq!(err.code(), Some(Code::Unavailable));
+    // Both branches are prepared and stay so: no agent decides on its own.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.prepared(A).await?.len(), 1);
+    assert_eq!(c.prepared(B).await?.len(), 1);
+    let status = c.status(txn.id()).await?;
+    assert_eq!(status.state, pb::TxnState::InProgress as i32);
+    // A majority is back: the transaction completes without anyone asking.
+    c.restart_replica(1).await?;
+    c.wait_no_prepared(Duration::from_secs(15)).await?;
+    assert_eq!(
+        c.wait_decided(txn.id(), Duration::from_secs(5)).await?,
+        pb::TxnState::Committed
+    );
+    assert_eq!(bank::balance(&c, A, 1).await?, 93);
+    assert_eq!(bank::balance(&c, B, 1).await?, 107);
+    Ok(())
+}
