@@ -7,12 +7,14 @@
 //! * [`driver`] — the task that owns the core and the log and keeps the persist-then-send rule;
 //! * [`peers`] — outbound messages to replicas (batched) and agents;
 //! * [`server`] — gRPC handlers (Coordinator and Acceptor services);
-//! * [`error`] — typed errors and their gRPC status.
+//! * [`error`] — typed errors and their gRPC status;
+//! * [`ops`] — what txctl asks of a whole deployment.
 
 pub mod config;
 pub mod driver;
 pub mod error;
 pub mod log;
+pub mod ops;
 pub mod peers;
 pub mod server;
 
