@@ -218,16 +218,28 @@ impl Branches {
         }
     }
 
+    /// Opens the PostgreSQL transaction while the enlistment is in flight: one round trip
+    /// to the leader is hidden behind the database's BEGIN.
     async fn begin(&self, txn: TxnId) -> Result<Object, AgentError> {
-        self.coordinators
-            .enlist(txn)
-            .await
-            .map_err(AgentError::Enlist)?;
-        let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        conn.batch_execute(&self.begin_sql)
-            .await
-            .map_err(AgentError::sql)?;
-        Ok(conn)
+        let open = async {
+            let conn = self.pool.get().await.map_err(AgentError::pool)?;
+            conn.batch_execute(&self.begin_sql)
+                .await
+                .map_err(AgentError::sql)?;
+            Ok::<_, AgentError>(conn)
+        };
+        let (enlisted, conn) = tokio::join!(self.coordinators.enlist(txn), open);
+        match (enlisted, conn) {
+            (Ok(()), conn) => conn,
+            (Err(status), Ok(conn)) => {
+                // Never hand a connection with an open transaction back to the pool.
+                if conn.batch_execute("ROLLBACK").await.is_err() {
+                    drop(Object::take(conn));
+                }
+                Err(AgentError::Enlist(status))
+            }
+            (Err(status), Err(_)) => Err(AgentError::Enlist(status)),
+        }
     }
 
     /// Prepares the branch and votes. A definite failure votes Aborted; a connection lost
