@@ -557,6 +557,11 @@ impl Replica {
         let instances = coord.instances();
         let participant_list = coord.participant_list();
         if instances.is_empty() {
+            // A majority knows neither the participants nor any vote: there is nothing this
+            // replica can decide, and retrying would only repeat this round. Stand down; an
+            // in-doubt participant that names its instance starts a useful round.
+            self.coordination.remove(&txn);
+            self.disarm(txn);
             return;
         }
         for p in instances {
