@@ -6,7 +6,7 @@
 //! fsync (group commit), and only then do messages leave and clients hear of decisions.
 //! Commands that arrive during the fsync form the next batch.
 
-use crate::log::DurableLog;
+use crate::log::{DurableLog, LogError};
 use crate::peers::Peers;
 use paxos_commit_core::{
     LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats, TxnError,
@@ -97,11 +97,37 @@ pub struct Counters {
     pub batches: u64,
 }
 
+/// A batch on its way to disk: the log is lent to a blocking task and comes back with the
+/// result.
+type InFlight = tokio::task::JoinHandle<(DurableLog<Record>, Result<Written, LogError>)>;
+
+/// Something that may only happen once the records produced before it are durable.
+enum Held {
+    Out(Output),
+    /// An answer computed from the core's state, which may include records still on their
+    /// way to disk (a decision implied by an acceptance not yet synced must not leak).
+    Reply(Box<dyn FnOnce() + Send>),
+}
+
+/// What a finished log job did.
+struct Written {
+    records: usize,
+    accepts: bool,
+    compacted_from: Option<u64>,
+}
+
 pub struct Driver {
     core: Replica,
-    log: DurableLog<Record>,
-    /// Hints written with the next durable batch; nothing waits for them.
-    lazy: Vec<Record>,
+    /// `None` while a batch is being written.
+    log: Option<DurableLog<Record>>,
+    log_bytes: u64,
+    /// The batch being written, and the outputs that wait for it.
+    in_flight: Option<InFlight>,
+    held: Vec<Held>,
+    /// The next batch: records (and whether any must be durable) and the outputs behind them.
+    next_records: Vec<Record>,
+    next_sync: bool,
+    next_outputs: Vec<Held>,
     peers: Peers,
     epoch: Instant,
     waiters: HashMap<TxnId, Vec<Waiter>>,
@@ -124,8 +150,13 @@ impl Driver {
     ) -> Driver {
         Driver {
             core,
-            log,
-            lazy: Vec::new(),
+            log_bytes: log.size_bytes(),
+            log: Some(log),
+            in_flight: None,
+            held: Vec::new(),
+            next_records: Vec::new(),
+            next_sync: false,
+            next_outputs: Vec::new(),
             peers,
             epoch,
             waiters: HashMap::new(),
@@ -141,10 +172,14 @@ impl Driver {
 
     /// Runs until every command sender is gone. An acceptor-log failure ends the process: a
     /// replica that cannot make its promises durable must not answer at all.
+    ///
+    /// At most one batch is being written at a time. While it is, commands keep being applied
+    /// and their records gather into the next batch (group commit grows with load); every
+    /// output waits for the batch that carries its records and for all earlier ones.
     pub async fn run(mut self) {
-        // Outputs of recovery (none today) and timers armed by it.
-        self.flush().await;
         loop {
+            self.collect();
+            self.submit();
             let sleep = match self.core.next_deadline() {
                 Some(at) => {
                     let wait = at.saturating_sub(self.now());
@@ -156,7 +191,6 @@ impl Driver {
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     self.apply(cmd);
-                    // Group commit: everything that queued up meanwhile joins this batch.
                     let mut taken = 1;
                     while taken < 4096 {
                         match self.rx.try_recv() {
@@ -165,12 +199,21 @@ impl Driver {
                         }
                     }
                 }
+                done = async {
+                    match self.in_flight.as_mut() {
+                        Some(job) => job.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.in_flight = None;
+                    self.written(done);
+                }
                 _ = sleep => {}
             }
             let now = self.now();
             self.core.on_tick(now);
-            self.flush().await;
         }
+        tracing::info!("driver stopped: no more commands");
     }
 
     fn apply(&mut self, cmd: Command) {
@@ -224,13 +267,18 @@ impl Driver {
                 self.core.on_applied(now, txn, &participant);
             }
             Command::Status { txn, reply } => {
-                let reason = self.core.reason(txn).map(str::to_string);
-                let _ = reply.send((self.core.status(txn), reason));
+                let answer = (
+                    self.core.status(txn),
+                    self.core.reason(txn).map(str::to_string),
+                );
+                self.reply_after_sync(move || {
+                    let _ = reply.send(answer);
+                });
             }
             Command::Info { reply } => {
                 let _ = reply.send(Info {
                     stats: self.core.stats(),
-                    log_bytes: self.log.size_bytes(),
+                    log_bytes: self.log_bytes,
                     now_ms: now,
                     counters: self.counters,
                     sent: self.peers.sent.clone(),
@@ -252,7 +300,9 @@ impl Driver {
             }
             Ok(Some(outcome)) if until == Until::Decided || self.core.status(txn).finished => {
                 let reason = self.core.reason(txn).unwrap_or_default().to_string();
-                let _ = reply.send(Ok(Decision { outcome, reason }));
+                self.reply_after_sync(move || {
+                    let _ = reply.send(Ok(Decision { outcome, reason }));
+                });
             }
             Ok(_) => self
                 .waiters
@@ -262,76 +312,129 @@ impl Driver {
         }
     }
 
-    /// Drains the core's outputs: durable records first (one append, one fsync), then
-    /// messages and answers.
-    async fn flush(&mut self) {
-        let outputs = self.core.drain();
-        if outputs.is_empty() {
-            return;
-        }
-        let mut durable: Vec<Record> = Vec::new();
-        for o in &outputs {
+    /// Moves the core's outputs into the next batch.
+    fn collect(&mut self) {
+        for o in self.core.drain() {
             match o {
-                Output::Persist(r) => durable.push(r.clone()),
-                Output::PersistLazy(r) => self.lazy.push(r.clone()),
-                _ => {}
-            }
-        }
-        if !durable.is_empty() || self.lazy.len() >= 1024 {
-            let mut batch = std::mem::take(&mut self.lazy);
-            batch.extend(durable);
-            let log = &mut self.log;
-            let result = tokio::task::block_in_place(|| log.append_batch(&batch));
-            if let Err(e) = result {
-                tracing::error!("acceptor log failed, stopping this replica: {e}");
-                std::process::exit(70);
-            }
-            if batch.iter().any(|r| matches!(r, Record::Accept { .. })) {
-                // Durable here, but the phase 2b has not left.
-                paxos_commit_proto::crash_point("coordinator-after-accept");
-            }
-            self.counters.fsyncs += 1;
-            self.counters.records += batch.len() as u64;
-            self.counters.batches += 1;
-            metrics_fsync(batch.len());
-            if self.log.records_since_rewrite() > COMPACT_AFTER {
-                self.compact();
-            }
-        }
-        if outputs.iter().any(|o| matches!(o, Output::Decided { .. })) {
-            paxos_commit_proto::crash_point("coordinator-after-decision");
-        }
-        for o in outputs {
-            match o {
-                Output::Persist(_) | Output::PersistLazy(_) => {}
-                Output::Send { to, msg } => self.peers.send(to, msg),
-                Output::Decided {
-                    txn,
-                    outcome,
-                    reason,
-                } => self.on_decided(txn, Decision { outcome, reason }),
-                Output::Finished { txn, outcome } => self.on_finished(txn, outcome),
+                Output::Persist(r) => {
+                    self.next_records.push(r);
+                    self.next_sync = true;
+                }
+                Output::PersistLazy(r) => self.next_records.push(r),
+                other => self.next_outputs.push(Held::Out(other)),
             }
         }
     }
 
-    fn compact(&mut self) {
-        let mut live = self.core.durable_records();
-        live.append(&mut self.lazy);
-        let log = &mut self.log;
-        let before = log.size_bytes();
-        match tokio::task::block_in_place(|| log.rewrite(&live)) {
-            Ok(()) => tracing::info!(
-                before,
-                after = self.log.size_bytes(),
-                records = live.len(),
-                "compacted the acceptor log"
-            ),
-            Err(e) => {
-                tracing::error!("acceptor log compaction failed, stopping this replica: {e}");
+    /// Starts writing the next batch if the log is free. Outputs that need no new durable
+    /// record leave at once when nothing is being written.
+    fn submit(&mut self) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let lazy_pile = self.next_records.len() >= 1024;
+        if !self.next_sync && !lazy_pile {
+            let outputs = std::mem::take(&mut self.next_outputs);
+            self.release(outputs);
+            return;
+        }
+        let Some(mut log) = self.log.take() else {
+            return;
+        };
+        let records = std::mem::take(&mut self.next_records);
+        self.next_sync = false;
+        self.held = std::mem::take(&mut self.next_outputs);
+        let compact = log.records_since_rewrite() > COMPACT_AFTER;
+        // Compaction writes the whole live state instead of the batch: the core already
+        // reflects every record of the batch, so nothing is lost.
+        let live = compact.then(|| self.core.durable_records());
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let accepts = records.iter().any(|r| matches!(r, Record::Accept { .. }));
+            let result = match live {
+                Some(live) => {
+                    let before = log.size_bytes();
+                    log.rewrite(&live).map(|()| Written {
+                        records: live.len(),
+                        accepts,
+                        compacted_from: Some(before),
+                    })
+                }
+                None => log.append_batch(&records).map(|()| Written {
+                    records: records.len(),
+                    accepts,
+                    compacted_from: None,
+                }),
+            };
+            (log, result)
+        }));
+    }
+
+    fn written(
+        &mut self,
+        done: Result<(DurableLog<Record>, Result<Written, LogError>), tokio::task::JoinError>,
+    ) {
+        let (log, written) = match done {
+            Ok((log, Ok(w))) => (log, w),
+            Ok((_, Err(e))) => {
+                tracing::error!("acceptor log failed, stopping this replica: {e}");
                 std::process::exit(70);
             }
+            Err(e) => {
+                tracing::error!("acceptor log task failed, stopping this replica: {e}");
+                std::process::exit(70);
+            }
+        };
+        if written.accepts {
+            // Durable here, but the phase 2b has not left.
+            paxos_commit_proto::crash_point("coordinator-after-accept");
         }
+        if let Some(before) = written.compacted_from {
+            tracing::info!(
+                before,
+                after = log.size_bytes(),
+                records = written.records,
+                "compacted the acceptor log"
+            );
+        }
+        self.log_bytes = log.size_bytes();
+        self.log = Some(log);
+        self.counters.fsyncs += 1;
+        self.counters.records += written.records as u64;
+        self.counters.batches += 1;
+        let outputs = std::mem::take(&mut self.held);
+        self.release(outputs);
+    }
+
+    /// Lets outputs whose records are durable go: messages out, clients answered.
+    fn release(&mut self, outputs: Vec<Held>) {
+        if outputs
+            .iter()
+            .any(|o| matches!(o, Held::Out(Output::Decided { .. })))
+        {
+            paxos_commit_proto::crash_point("coordinator-after-decision");
+        }
+        for o in outputs {
+            match o {
+                Held::Out(Output::Persist(_) | Output::PersistLazy(_)) => {}
+                Held::Out(Output::Send { to, msg }) => {
+                    tracing::debug!(?to, kind = crate::peers::kind(&msg), txn = %msg.txn(), "send");
+                    self.peers.send(to, msg)
+                }
+                Held::Out(Output::Decided {
+                    txn,
+                    outcome,
+                    reason,
+                }) => self.on_decided(txn, Decision { outcome, reason }),
+                Held::Out(Output::Finished { txn, outcome }) => self.on_finished(txn, outcome),
+                Held::Reply(reply) => reply(),
+            }
+        }
+    }
+
+    /// Answers once everything produced so far is durable.
+    fn reply_after_sync(&mut self, reply: impl FnOnce() + Send + 'static) {
+        self.collect();
+        self.next_outputs.push(Held::Reply(Box::new(reply)));
     }
 
     fn on_decided(&mut self, txn: TxnId, decision: Decision) {
@@ -362,8 +465,4 @@ impl Driver {
             let _ = w.reply.send(Ok(decision.clone()));
         }
     }
-}
-
-fn metrics_fsync(records: usize) {
-    tracing::trace!(records, "acceptor log batch synced");
 }

@@ -331,6 +331,7 @@ impl Branches {
 
     /// Applies a decision; idempotent ("already finished" is success).
     pub async fn decide(&self, txn: TxnId, outcome: Outcome) -> Result<(), AgentError> {
+        tracing::debug!(%txn, %outcome, "decision received");
         let Some(branch) = self.get(txn) else {
             return self.finish_prepared(txn, outcome).await;
         };

@@ -13,6 +13,18 @@ pub struct AgentService {
     pub branches: Arc<Branches>,
 }
 
+/// Runs a branch operation to completion on its own task. tonic drops a handler's future when
+/// the caller goes away (a replica killed mid-RPC); dropped halfway through, a PREPARE
+/// TRANSACTION could complete in PostgreSQL while the branch's state says otherwise.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(work).await {
+        Ok(result) => result.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("branch task failed: {e}"))),
+    }
+}
+
 fn txid(s: &str) -> Result<TxnId, Status> {
     txid_from_pb(s).map_err(|e| AgentError::BadRequest(e.to_string()).into())
 }
@@ -25,9 +37,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
         let req = req.into_inner();
         let txn = txid(&req.txid)?;
-        Ok(Response::new(
-            self.branches.execute(txn, &req.sql, &req.params).await?,
-        ))
+        let branches = self.branches.clone();
+        let resp =
+            detached(async move { branches.execute(txn, &req.sql, &req.params).await }).await?;
+        Ok(Response::new(resp))
     }
 
     async fn prepare(
@@ -37,7 +50,8 @@ impl pb::agent_server::Agent for AgentService {
         let req = req.into_inner();
         let txn = txid(&req.txid)?;
         let participants = participants_from_pb(&req.participants);
-        self.branches.prepare(txn, participants).await?;
+        let branches = self.branches.clone();
+        detached(async move { branches.prepare(txn, participants).await }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -46,7 +60,8 @@ impl pb::agent_server::Agent for AgentService {
         let txn = txid(&req.txid)?;
         let outcome = outcome_from_pb(req.outcome)
             .map_err(|e| Status::from(AgentError::BadRequest(e.to_string())))?;
-        self.branches.decide(txn, outcome).await?;
+        let branches = self.branches.clone();
+        detached(async move { branches.decide(txn, outcome).await }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -78,7 +93,8 @@ impl pb::agent_server::Agent for AgentService {
         let req = req.into_inner();
         let outcome = outcome_from_pb(req.outcome)
             .map_err(|e| Status::from(AgentError::BadRequest(e.to_string())))?;
-        self.branches.heuristic(&req.gid, outcome).await?;
+        let branches = self.branches.clone();
+        detached(async move { branches.heuristic(&req.gid, outcome).await }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 }
