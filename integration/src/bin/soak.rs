@@ -190,15 +190,14 @@ fn chart(samples: &[Sample]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
         2.0 * h + 40.0
     );
-    let panels: [(&str, Box<dyn Fn(&Sample, usize) -> f64>); 2] = [
-        (
-            "replica RSS (MiB)",
-            Box::new(|s: &Sample, i: usize| *s.rss_kb.get(i).unwrap_or(&0) as f64 / 1024.0),
-        ),
-        (
-            "acceptor log (MiB)",
-            Box::new(|s: &Sample, i: usize| *s.log_bytes.get(i).unwrap_or(&0) as f64 / 1_048_576.0),
-        ),
+    type Series = fn(&Sample, usize) -> f64;
+    let panels: [(&str, Series); 2] = [
+        ("replica RSS (MiB)", |s, i| {
+            *s.rss_kb.get(i).unwrap_or(&0) as f64 / 1024.0
+        }),
+        ("acceptor log (MiB)", |s, i| {
+            *s.log_bytes.get(i).unwrap_or(&0) as f64 / 1_048_576.0
+        }),
     ];
     for (k, (title, value)) in panels.iter().enumerate() {
         let top = k as f64 * (h + 20.0) + 10.0;
