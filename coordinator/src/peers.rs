@@ -1,17 +1,18 @@
 //! Outbound messages of a replica: Paxos messages to the other replicas, Prepare and Decide
 //! to the agents.
 //!
-//! Each peer replica has one sender task that takes every message queued for it and ships
-//! them as one `Deliver` batch, so a busy replica sends few, large RPCs. Delivery is best
-//! effort: Paxos tolerates loss, and the core's timers retry what matters.
+//! Each peer replica has one sender (`paxos_commit_proto::sender`) that ships queued messages
+//! in batches over one long-lived stream. Delivery is best effort: Paxos tolerates loss, and
+//! the core's timers retry what matters.
 
 use crate::driver::Command;
 use paxos_commit_core::{Dest, Msg, ReplicaId};
 use paxos_commit_proto::client::lazy_channel;
-use paxos_commit_proto::convert::{msg_to_pb, outcome_to_pb, participants_to_pb};
+use paxos_commit_proto::convert::{outcome_to_pb, participants_to_pb};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::agent_client::AgentClient;
+use paxos_commit_proto::sender;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -54,10 +55,9 @@ impl Peers {
                 senders.push(None);
                 continue;
             }
-            let client = AcceptorClient::new(lazy_channel(address, Some(RPC_TIMEOUT))?);
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(replica_sender(me, i as ReplicaId, client, rx));
-            senders.push(Some(tx));
+            // No per-call timeout: the channel carries one long-lived stream.
+            let client = AcceptorClient::new(lazy_channel(address, None)?);
+            senders.push(Some(sender::spawn(me, client)));
         }
         Ok(Peers {
             replicas: senders,
@@ -92,27 +92,6 @@ impl Peers {
                 };
                 tokio::spawn(to_agent(agent, p.id, msg, self.commands.clone()));
             }
-        }
-    }
-}
-
-async fn replica_sender(
-    me: ReplicaId,
-    to: ReplicaId,
-    mut client: AcceptorClient<Channel>,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = pb::PaxosBatch::default();
-        batch.messages.extend(msg_to_pb(me, &first));
-        while batch.messages.len() < 4096 {
-            match rx.try_recv() {
-                Ok(m) => batch.messages.extend(msg_to_pb(me, &m)),
-                Err(_) => break,
-            }
-        }
-        if let Err(status) = client.deliver(batch).await {
-            tracing::debug!(to, "delivery to replica failed: {}", status.message());
         }
     }
 }

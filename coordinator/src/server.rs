@@ -365,10 +365,8 @@ fn view_from_pb(r: &pb::StatusResponse) -> LocalStatus {
     view
 }
 
-#[tonic::async_trait]
-impl pb::acceptor_server::Acceptor for Handle {
-    async fn deliver(&self, req: Request<pb::PaxosBatch>) -> Result<Response<pb::Empty>, Status> {
-        let batch = req.into_inner();
+impl Handle {
+    fn deliver_batch(&self, batch: &pb::PaxosBatch) -> Result<(), Status> {
         let msgs = batch
             .messages
             .iter()
@@ -377,7 +375,25 @@ impl pb::acceptor_server::Acceptor for Handle {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.commands
             .send(Command::Deliver { msgs })
-            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::acceptor_server::Acceptor for Handle {
+    async fn deliver(&self, req: Request<pb::PaxosBatch>) -> Result<Response<pb::Empty>, Status> {
+        self.deliver_batch(&req.into_inner())?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn deliver_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::PaxosBatch>>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let mut stream = req.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.deliver_batch(&batch)?;
+        }
         Ok(Response::new(pb::Empty {}))
     }
 }

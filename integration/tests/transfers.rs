@@ -148,11 +148,12 @@ fn outcome_reason(o: &TransferOutcome) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_killed_after_its_vote_commits_after_restart() -> Result<()> {
     let markers = tempfile::tempdir()?;
-    // bank_b dies right after voting Prepared: both votes are in, the group decides Commit,
-    // and the restarted agent must find its prepared branch and commit it.
+    // bank_b voted Prepared and dies as the decision arrives, before COMMIT PREPARED: the
+    // group decided Commit, and the restarted agent must find its prepared branch and
+    // commit it.
     let mut spec = Spec::new("agent-kill-vote", 1, &[A, B]).crash_agent_at(
         B,
-        "agent-after-vote",
+        "agent-before-finish",
         &markers.path().join("b"),
     );
     spec.commit_timeout_ms = 3_000;

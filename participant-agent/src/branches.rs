@@ -266,7 +266,7 @@ impl Branches {
                 } else {
                     Vote::Aborted
                 };
-                self.coordinators.vote(txn, vote, &participants).await;
+                self.coordinators.vote(txn, vote, &participants);
                 return Ok(());
             }
         };
@@ -321,10 +321,7 @@ impl Branches {
         };
         drop(state);
         if let Some(vote) = vote {
-            self.coordinators.vote(txn, vote, &participants).await;
-            if vote == Vote::Prepared {
-                paxos_commit_proto::crash_point("agent-after-vote");
-            }
+            self.coordinators.vote(txn, vote, &participants);
         }
         Ok(())
     }
@@ -349,6 +346,8 @@ impl Branches {
                 participants,
                 since,
             } => {
+                // Voted, and the decision is here: dying now leaves it prepared.
+                paxos_commit_proto::crash_point("agent-before-finish");
                 if let Err(e) = self.finish_prepared(txn, outcome).await {
                     *state = State::Prepared {
                         participants,
@@ -466,7 +465,7 @@ impl Branches {
                     since: long_ago,
                 }),
             );
-            self.coordinators.vote(row.txn, Vote::Prepared, &[]).await;
+            self.coordinators.vote(row.txn, Vote::Prepared, &[]);
         }
         Ok(prepared.len())
     }

@@ -1,22 +1,23 @@
 //! The agent's links to the coordinator group: enlisting with a transaction's leader, sending
 //! its ballot-0 vote to every acceptor, and asking any replica to resolve an in-doubt branch.
 
-use paxos_commit_core::{participant, Outcome, Participant, TxnId, Vote};
+use paxos_commit_core::{participant, Msg, Outcome, Participant, TxnId, Vote};
 use paxos_commit_proto::client::{lazy_channel, ClientError};
-use paxos_commit_proto::convert::{
-    msg_to_pb, outcome_from_pb, participant_to_pb, participants_to_pb,
-};
+use paxos_commit_proto::convert::{outcome_from_pb, participant_to_pb, participants_to_pb};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
+use paxos_commit_proto::sender;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 #[derive(Clone)]
 pub struct Coordinators {
     coordinators: Vec<CoordinatorClient<Channel>>,
-    acceptors: Vec<AcceptorClient<Channel>>,
+    /// One streaming sender per acceptor, shared by every branch's vote.
+    acceptors: Vec<mpsc::UnboundedSender<Msg>>,
     me: Participant,
 }
 
@@ -25,9 +26,14 @@ impl Coordinators {
         let mut coordinators = Vec::new();
         let mut acceptors = Vec::new();
         for a in addresses {
-            let ch = lazy_channel(a, Some(Duration::from_secs(5)))?;
-            coordinators.push(CoordinatorClient::new(ch.clone()));
-            acceptors.push(AcceptorClient::new(ch));
+            coordinators.push(CoordinatorClient::new(lazy_channel(
+                a,
+                Some(Duration::from_secs(5)),
+            )?));
+            acceptors.push(sender::spawn(
+                0,
+                AcceptorClient::new(lazy_channel(a, None)?),
+            ));
         }
         Ok(Coordinators {
             coordinators,
@@ -62,9 +68,9 @@ impl Coordinators {
             .map(|_| ())
     }
 
-    /// Sends this participant's ballot-0 vote to every acceptor, in parallel. Lost messages
-    /// are fine: recovery (phase 1 of a takeover) settles an instance whose vote did not land.
-    pub async fn vote(&self, txn: TxnId, vote: Vote, participants: &[Participant]) {
+    /// Sends this participant's ballot-0 vote to every acceptor. Lost messages are fine:
+    /// recovery (phase 1 of a takeover) settles an instance whose vote did not land.
+    pub fn vote(&self, txn: TxnId, vote: Vote, participants: &[Participant]) {
         let msgs = participant::vote(
             txn,
             &self.me.id,
@@ -72,21 +78,11 @@ impl Coordinators {
             participants,
             self.acceptors.len() as u32,
         );
-        let sends = msgs.into_iter().filter_map(|(r, msg)| {
-            let mut client = self.acceptors.get(r as usize)?.clone();
-            let wire = msg_to_pb(0, &msg)?;
-            Some(async move {
-                if let Err(s) = client
-                    .deliver(pb::PaxosBatch {
-                        messages: vec![wire],
-                    })
-                    .await
-                {
-                    tracing::debug!(%txn, replica = r, "vote not delivered: {}", s.message());
-                }
-            })
-        });
-        futures::future::join_all(sends).await;
+        for (r, msg) in msgs {
+            if let Some(acceptor) = self.acceptors.get(r as usize) {
+                let _ = acceptor.send(msg);
+            }
+        }
     }
 
     /// Asks the group for the outcome of an in-doubt transaction: the leader first, then the

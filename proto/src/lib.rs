@@ -8,6 +8,7 @@ pub mod pb {
 
 pub mod client;
 pub mod convert;
+pub mod sender;
 
 /// Resolves on Ctrl-C or SIGTERM: how every server of the project is told to stop.
 pub async fn shutdown_signal() {
