@@ -614,8 +614,11 @@ impl Replica {
         if coord.ballot != ballot || matches!(coord.phase, Phase::Decided(_)) {
             return;
         }
-        // Another proposer is ahead: back off for a random while rather than duel.
+        // Another proposer is ahead: back off for a random while rather than duel. The
+        // ballot is abandoned, so that a duplicate Nack (or another acceptor's) for it does not
+        // restart the back-off.
         coord.promises = None;
+        coord.ballot = 0;
         let delay = self.backoff();
         self.arm(txn, now + delay);
     }
@@ -807,7 +810,8 @@ impl Replica {
         if !participants_known {
             acc.participants = participants.to_vec();
         }
-        if acc.decided.is_none() {
+        let mut learned = acc.decided.is_none();
+        if learned {
             acc.decided = Some(outcome);
             self.out.push(Output::PersistLazy(Record::Decided {
                 txn,
@@ -820,6 +824,7 @@ impl Replica {
             coord.learn_participants(participants);
             decided_here = matches!(coord.phase, Phase::Decided(_));
             if !decided_here {
+                learned = true;
                 coord.phase = Phase::Decided(outcome);
                 coord.promises = None;
                 self.out.push(Output::Decided {
@@ -829,8 +834,9 @@ impl Replica {
                 });
             }
         }
-        if !decided_here && !self.acceptor.get(&txn).is_some_and(|a| a.finished) {
-            // Someone else decided; if it does not finish the job, this replica will.
+        if learned && !decided_here && !self.acceptor.get(&txn).is_some_and(|a| a.finished) {
+            // Someone else decided; if it does not finish the job, this replica will. (Only
+            // the first time: a duplicate Decided must not keep postponing that.)
             let delay = self.cfg.takeover_after_ms + self.backoff();
             self.arm(txn, now + delay);
         }

@@ -1,0 +1,827 @@
+//! Model check of the real `Replica` code with stateright.
+//!
+//! Actors: three coordinator replicas (every one an acceptor; replica 0 leads the one
+//! transaction: begun, enlisted and committed in its `on_start`, so its Prepare messages are
+//! in flight from the start) and two participant agents. On Prepare an agent sends its
+//! ballot-0 phase 2a to every acceptor with `participant::vote`. Which value it sends is fixed
+//! per initial state and the checker starts from every combination in `Cfg::votes` (both
+//! Prepared; one Prepared, one Aborted; ...), so one run covers commits and aborts. An agent
+//! whose Prepare is never delivered never votes. With `asks`, a prepared agent may ask one
+//! replica for the outcome (`Replica::resolve` with R); with `finishing`, agents apply and
+//! confirm every Decide (`on_applied`), so that replicas finish, tell each other and forget.
+//!
+//! Faults: the network reorders and duplicates (every message sent stays deliverable, so
+//! "never delivered" is loss) and, with `lossy`, also drops; up to `max_crashes` replicas are
+//! down at a time, any number of times, and a replica restarts with `Replica::recover` from
+//! exactly its `Persist` records, saved with `o.save` after each step (`PersistLazy` hints are
+//! lost, or with `lazy_survives` kept). Agents do not crash: a restarted agent re-sends the
+//! same vote and asks, which the model already does. Each replica's per-transaction timer
+//! (`armed()`) is a stateright timer that may fire at any moment, so `now` stays constant.
+//!
+//! Bound: phase-1 rounds started over all replicas (each start persists a new `Record::Round`,
+//! so it is counted from the durable records) — `max_rounds` takeover ballots.
+//!
+//! Properties, over the replicas' durable records and a history of every decision announced
+//! (each Decide sent to an agent and each Decided sent to a replica, recorded when sent):
+//! * TCConsistent: no two participants (nor one twice) are ever told different outcomes;
+//! * each instance chooses at most one value (chosen = accepted in one ballot by a majority,
+//!   from the durable Accept records, which only grow: so a chosen value never changes);
+//! * commit only if every participant voted Prepared;
+//! * an announced decision is the one the chosen values imply; only one is ever announced;
+//! * sometimes a commit, an abort, a commit and an abort reached through a takeover (and with
+//!   `finishing`, a replica that forgot the finished transaction): the model is not vacuous.
+
+use paxos_commit_core::participant;
+use paxos_commit_core::{
+    Config, Dest, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, TxnId, Vote,
+};
+use stateright::actor::{
+    model_timeout, Actor, ActorModel, ActorModelState, Envelope, Id, LossyNetwork, Network, Out,
+};
+use stateright::{Checker, HasDiscoveries, Model, Property};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+const REPLICAS: u32 = 3;
+const AGENTS: [&str; 2] = ["a", "b"];
+/// Time never advances: stateright decides when timers fire.
+const NOW: u64 = 0;
+
+fn txn() -> TxnId {
+    TxnId::new(0, 1)
+}
+
+fn participants() -> Vec<Participant> {
+    AGENTS.iter().map(|a| Participant::new(*a, "")).collect()
+}
+
+fn agent_index(participant: &str) -> usize {
+    AGENTS
+        .iter()
+        .position(|a| *a == participant)
+        .expect("known participant")
+}
+
+fn agent_actor(index: usize) -> Id {
+    Id::from(REPLICAS as usize + index)
+}
+
+fn config(id: ReplicaId) -> Config {
+    Config::new(id, REPLICAS)
+}
+
+fn seed(id: ReplicaId) -> u64 {
+    0x5eed + u64::from(id)
+}
+
+/// What travels between actors.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Wire {
+    /// The core's messages (shared: the network clones envelopes a lot).
+    Core(Arc<Msg>),
+    /// Agent → the replica that sent Decide: applied (the shell calls `on_applied`).
+    Applied { participant: String },
+    /// In-doubt agent → a replica: what is the outcome? (`Replica::resolve` with R.)
+    Resolve {
+        participant: String,
+        participants: Vec<Participant>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Timer {
+    /// The replica's single timer for the transaction.
+    Txn(TxnId),
+    /// A prepared agent that has heard nothing asks for the outcome.
+    AskOutcome,
+}
+
+/// Every record a replica ever made durable. A set: replaying records is order-insensitive.
+type Durable = Arc<BTreeSet<Record>>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ReplicaState {
+    replica: Replica,
+    durable: Durable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AgentState {
+    /// What this agent votes when asked to prepare (set per initial state).
+    intent: Vote,
+    /// R, from Prepare; non-empty once the agent voted.
+    participants: Vec<Participant>,
+    /// Outcomes applied (tracked with `finishing`).
+    outcomes: BTreeSet<Outcome>,
+    asked: bool,
+}
+
+impl AgentState {
+    fn voted(&self) -> Option<Vote> {
+        (!self.participants.is_empty()).then_some(self.intent)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum State {
+    Replica(ReplicaState),
+    Agent(AgentState),
+}
+
+/// A deliberately broken replica, to show that the checker finds what it should.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Bug {
+    None,
+    /// On restart, replays its log without the Promise records: an acceptor that forgets the
+    /// ballots it promised.
+    ForgetPromises,
+}
+
+/// The knobs of one model run.
+#[derive(Clone, Copy, Debug)]
+struct Cfg {
+    /// Phase-1 rounds (takeover ballots) that may be started, over all replicas.
+    max_rounds: usize,
+    /// The replicas allowed to start a phase 1 (bit i: replica i).
+    proposers: u32,
+    /// Replicas down at the same time (any number of crash/recover cycles).
+    max_crashes: usize,
+    /// Drop actions on top of never delivering: more states, no new behaviour.
+    lossy: bool,
+    /// Every message stays deliverable after delivery (stateright's duplicating network);
+    /// otherwise each send is delivered at most once.
+    duplicating: bool,
+    /// `PersistLazy` records survive a crash too.
+    lazy_survives: bool,
+    /// A prepared agent in doubt may ask a replica for the outcome (`resolve`).
+    asks: bool,
+    /// Life after the decision: agents apply and confirm each Decide, replicas finish, tell
+    /// each other, push the decision again and forget it after retention. When off, agents
+    /// ignore Decide and a replica's timer does nothing once it knows the decision; this
+    /// cannot hide a wrong decision, since announcements are checked when sent.
+    finishing: bool,
+    /// The initial vote combinations (agent a's, agent b's).
+    votes: &'static [[Vote; 2]],
+    bug: Bug,
+}
+
+#[derive(Clone, Debug)]
+enum Node {
+    Replica(Cfg),
+    Agent(Cfg),
+}
+
+fn replica_of(state: &State) -> &ReplicaState {
+    match state {
+        State::Replica(r) => r,
+        State::Agent(_) => unreachable!("a replica's state"),
+    }
+}
+
+fn agent_of(state: &State) -> &AgentState {
+    match state {
+        State::Agent(a) => a,
+        State::Replica(_) => unreachable!("an agent's state"),
+    }
+}
+
+fn insert(set: &mut Durable, record: Record) -> bool {
+    if set.contains(&record) {
+        return false;
+    }
+    Arc::make_mut(set).insert(record)
+}
+
+/// Routes a replica's outputs; returns whether the durable record set grew.
+fn emit(st: &mut ReplicaState, outputs: Vec<Output>, cfg: &Cfg, o: &mut Out<Node>) -> bool {
+    let mut grew = false;
+    for output in outputs {
+        match output {
+            Output::Persist(record) => grew |= insert(&mut st.durable, record),
+            Output::PersistLazy(record) => {
+                if cfg.lazy_survives {
+                    grew |= insert(&mut st.durable, record);
+                }
+            }
+            Output::Send { to, msg } => {
+                let dst = match to {
+                    Dest::Replica(r) => Id::from(r as usize),
+                    Dest::Agent(p) => agent_actor(agent_index(&p.id)),
+                };
+                o.send(dst, Wire::Core(Arc::new(msg)));
+            }
+            Output::Decided { .. } | Output::Finished { .. } => {}
+        }
+    }
+    grew
+}
+
+/// One step of a replica: `f` drives the real core; outputs, storage and timers follow.
+fn replica_step(
+    cfg: &Cfg,
+    state: &mut Cow<State>,
+    o: &mut Out<Node>,
+    fired: Option<TxnId>,
+    f: impl FnOnce(&mut Replica),
+) {
+    let current = replica_of(state);
+    let mut next = current.clone();
+    let before: BTreeSet<TxnId> = next
+        .replica
+        .armed()
+        .filter(|t| Some(*t) != fired)
+        .collect();
+    f(&mut next.replica);
+    let outputs = next.replica.drain();
+    if next == *current && outputs.is_empty() && fired.is_none() {
+        return; // a no-op (typically a duplicate)
+    }
+    if emit(&mut next, outputs, cfg, o) {
+        o.save(next.durable.clone());
+    }
+    let changed = next != *current;
+    let after: BTreeSet<TxnId> = next.replica.armed().collect();
+    for t in after.difference(&before) {
+        o.set_timer(Timer::Txn(*t), model_timeout());
+    }
+    for t in before.difference(&after) {
+        o.cancel_timer(Timer::Txn(*t));
+    }
+    if changed {
+        *state = Cow::Owned(State::Replica(next));
+    }
+}
+
+impl Actor for Node {
+    type Msg = Wire;
+    type Timer = Timer;
+    type State = State;
+    type Storage = Durable;
+    type Random = ();
+
+    fn on_start(&self, id: Id, storage: &Option<Durable>, o: &mut Out<Self>) -> State {
+        let Node::Replica(cfg) = self else {
+            // The intent is set per initial state by `PaxosCommitModel::init_states`.
+            return State::Agent(AgentState {
+                intent: Vote::Prepared,
+                participants: Vec::new(),
+                outcomes: BTreeSet::new(),
+                asked: false,
+            });
+        };
+        let rid = usize::from(id) as ReplicaId;
+        let mut st = match storage {
+            None => {
+                // First start: replica 0 leads the one transaction and commits it at once.
+                let mut replica = Replica::new(config(rid), seed(rid));
+                if rid == 0 {
+                    let t = replica.begin(NOW, 1);
+                    assert_eq!(t, txn());
+                    for p in participants() {
+                        replica.enlist(NOW, t, p).expect("enlist");
+                    }
+                    assert_eq!(replica.commit(NOW, t), Ok(None));
+                }
+                // Saved even empty: a restart is then told apart from the first start.
+                o.save(Durable::default());
+                ReplicaState {
+                    replica,
+                    durable: Durable::default(),
+                }
+            }
+            Some(records) => {
+                let replay: Vec<Record> = records
+                    .iter()
+                    .filter(|r| {
+                        !(cfg.bug == Bug::ForgetPromises && matches!(r, Record::Promise { .. }))
+                    })
+                    .cloned()
+                    .collect();
+                ReplicaState {
+                    replica: Replica::recover(config(rid), seed(rid), &replay, NOW),
+                    durable: records.clone(),
+                }
+            }
+        };
+        let outputs = st.replica.drain();
+        emit(&mut st, outputs, cfg, o);
+        for t in st.replica.armed() {
+            o.set_timer(Timer::Txn(t), model_timeout());
+        }
+        State::Replica(st)
+    }
+
+    fn on_msg(&self, id: Id, state: &mut Cow<State>, src: Id, msg: Wire, o: &mut Out<Self>) {
+        match self {
+            Node::Replica(cfg) => {
+                let t = txn();
+                replica_step(cfg, state, o, None, |replica| match msg {
+                    Wire::Core(m) => {
+                        replica.on_message(NOW, usize::from(src) as ReplicaId, (*m).clone())
+                    }
+                    Wire::Applied { participant } => replica.on_applied(NOW, t, &participant),
+                    Wire::Resolve {
+                        participant,
+                        participants,
+                    } => {
+                        let _ = replica.resolve(NOW, t, Some(&participant), &participants);
+                    }
+                });
+            }
+            Node::Agent(cfg) => {
+                let me = AGENTS[usize::from(id) - REPLICAS as usize];
+                let st = agent_of(state);
+                let Wire::Core(m) = msg else {
+                    unreachable!("agents get core messages")
+                };
+                match &*m {
+                    Msg::Prepare { participants, .. } => {
+                        if !st.participants.is_empty() {
+                            return; // duplicate: already voted
+                        }
+                        let mut next = st.clone();
+                        next.participants = participants.clone();
+                        let votes =
+                            participant::vote(txn(), me, next.intent, participants, REPLICAS);
+                        for (r, vote) in votes {
+                            o.send(Id::from(r as usize), Wire::Core(Arc::new(vote)));
+                        }
+                        if cfg.asks && next.intent == Vote::Prepared {
+                            o.set_timer(Timer::AskOutcome, model_timeout());
+                        }
+                        *state = Cow::Owned(State::Agent(next));
+                    }
+                    Msg::Decide { outcome, .. } => {
+                        if !cfg.finishing {
+                            return;
+                        }
+                        if !st.outcomes.contains(outcome) {
+                            let mut next = st.clone();
+                            next.outcomes.insert(*outcome);
+                            *state = Cow::Owned(State::Agent(next));
+                        }
+                        o.cancel_timer(Timer::AskOutcome);
+                        o.send(
+                            src,
+                            Wire::Applied {
+                                participant: me.to_string(),
+                            },
+                        );
+                    }
+                    other => unreachable!("agent got {other:?}"),
+                }
+            }
+        }
+    }
+
+    fn on_timeout(&self, id: Id, state: &mut Cow<State>, timer: &Timer, o: &mut Out<Self>) {
+        match (self, timer) {
+            (Node::Replica(cfg), Timer::Txn(t)) => {
+                let t = *t;
+                if !cfg.finishing && replica_of(state).replica.status(t).decided.is_some() {
+                    o.set_timer(Timer::Txn(t), model_timeout()); // stays armed, does nothing
+                    return;
+                }
+                replica_step(cfg, state, o, Some(t), |replica| replica.on_timer(NOW, t));
+            }
+            (Node::Agent(_), Timer::AskOutcome) => {
+                let st = agent_of(state);
+                if st.asked || !st.outcomes.is_empty() {
+                    return;
+                }
+                let me = usize::from(id) - REPLICAS as usize;
+                // Each agent asks one replica other than the leader (a → 1, b → 2).
+                o.send(
+                    Id::from(1 + me % (REPLICAS as usize - 1)),
+                    Wire::Resolve {
+                        participant: AGENTS[me].to_string(),
+                        participants: st.participants.clone(),
+                    },
+                );
+                let mut next = st.clone();
+                next.asked = true;
+                *state = Cow::Owned(State::Agent(next));
+            }
+            _ => {}
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Node::Replica(_) => "replica".into(),
+            Node::Agent(_) => "agent".into(),
+        }
+    }
+}
+
+/// Every decision announced, recorded when its message was sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct History {
+    /// Outcomes sent to agents (Decide).
+    decide: BTreeSet<Outcome>,
+    /// Outcomes sent to replicas (Decided).
+    decided: BTreeSet<Outcome>,
+}
+
+impl History {
+    fn announced(&self, outcome: Outcome) -> bool {
+        self.decide.contains(&outcome) || self.decided.contains(&outcome)
+    }
+}
+
+type Sys = ActorModel<Node, Cfg, History>;
+type SysState = ActorModelState<Node, History>;
+
+fn record_out(_: &Cfg, history: &History, env: Envelope<&Wire>) -> Option<History> {
+    let Wire::Core(m) = env.msg else {
+        return None;
+    };
+    let mut h = history.clone();
+    let grew = match **m {
+        Msg::Decide { outcome, .. } => h.decide.insert(outcome),
+        Msg::Decided { outcome, .. } => h.decided.insert(outcome),
+        _ => false,
+    };
+    grew.then_some(h)
+}
+
+fn agents(state: &SysState) -> impl Iterator<Item = &AgentState> {
+    state.actor_states.iter().filter_map(|s| match &**s {
+        State::Agent(a) => Some(a),
+        State::Replica(_) => None,
+    })
+}
+
+fn durable(state: &SysState) -> impl Iterator<Item = (usize, &Durable)> {
+    state
+        .actor_storages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.as_ref().map(|records| (i, records)))
+}
+
+/// Instance → values chosen (accepted by a majority in one ballot), from the durable records.
+fn chosen(state: &SysState) -> BTreeMap<String, BTreeSet<Vote>> {
+    let mut acceptors: BTreeMap<(&str, u64, Vote), BTreeSet<usize>> = BTreeMap::new();
+    for (i, records) in durable(state) {
+        for r in records.iter() {
+            if let Record::Accept {
+                participant,
+                ballot,
+                vote,
+                ..
+            } = r
+            {
+                acceptors
+                    .entry((participant.as_str(), *ballot, *vote))
+                    .or_default()
+                    .insert(i);
+            }
+        }
+    }
+    let mut out: BTreeMap<String, BTreeSet<Vote>> = BTreeMap::new();
+    for ((p, _, v), who) in acceptors {
+        if who.len() > REPLICAS as usize / 2 {
+            out.entry(p.to_string()).or_default().insert(v);
+        }
+    }
+    out
+}
+
+fn rounds_started(state: &SysState) -> usize {
+    durable(state)
+        .map(|(_, records)| {
+            records
+                .iter()
+                .filter(|r| matches!(r, Record::Round { round } if *round > 0))
+                .count()
+        })
+        .sum()
+}
+
+fn actor_model(cfg: Cfg) -> Sys {
+    ActorModel::new(cfg, History::default())
+        .actors((0..REPLICAS).map(|_| Node::Replica(cfg)))
+        .actors(AGENTS.iter().map(|_| Node::Agent(cfg)))
+        .init_network(if cfg.duplicating {
+            Network::new_unordered_duplicating([])
+        } else {
+            Network::new_unordered_nonduplicating([])
+        })
+        .lossy_network(if cfg.lossy {
+            LossyNetwork::Yes
+        } else {
+            LossyNetwork::No
+        })
+        .max_crashes(cfg.max_crashes)
+        .record_msg_out(record_out)
+        .within_boundary(|cfg, state| {
+            rounds_started(state) <= cfg.max_rounds
+                && durable(state).all(|(i, records)| {
+                    cfg.proposers & (1 << i) != 0
+                        || !records.iter().any(|r| matches!(r, Record::Round { .. }))
+                })
+                && !state.crashed[REPLICAS as usize..].iter().any(|c| *c)
+        })
+}
+
+/// The `ActorModel`, started from each vote combination, with one normalisation: stateright's
+/// duplicating network remembers the last envelope delivered, only so that a delivery that
+/// changes nothing still yields a new fingerprint (for histories recorded on receipt). Ours is
+/// recorded on send and no property looks at it, so forgetting it merges states that differ
+/// only by it: fewer states, the same behaviours.
+struct PaxosCommitModel(Sys);
+
+fn normalise(mut state: SysState) -> SysState {
+    if let Network::UnorderedDuplicating(_, last) = &mut state.network {
+        *last = None;
+    }
+    state
+}
+
+impl Model for PaxosCommitModel {
+    type State = SysState;
+    type Action = <Sys as Model>::Action;
+
+    fn init_states(&self) -> Vec<SysState> {
+        let mut out = Vec::new();
+        for init in self.0.init_states() {
+            for votes in self.0.cfg.votes {
+                let mut s = init.clone();
+                for (i, vote) in votes.iter().enumerate() {
+                    let index = REPLICAS as usize + i;
+                    let mut agent = agent_of(&s.actor_states[index]).clone();
+                    agent.intent = *vote;
+                    s.actor_states[index] = Arc::new(State::Agent(agent));
+                }
+                out.push(normalise(s));
+            }
+        }
+        out
+    }
+
+    fn actions(&self, state: &SysState, actions: &mut Vec<Self::Action>) {
+        self.0.actions(state, actions)
+    }
+
+    fn next_state(&self, state: &SysState, action: Self::Action) -> Option<SysState> {
+        self.0.next_state(state, action).map(normalise)
+    }
+
+    fn format_action(&self, action: &Self::Action) -> String {
+        self.0.format_action(action)
+    }
+
+    fn format_step(&self, state: &SysState, action: Self::Action) -> Option<String> {
+        self.0.format_step(state, action)
+    }
+
+    fn within_boundary(&self, state: &SysState) -> bool {
+        Model::within_boundary(&self.0, state)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        let mut properties = vec![
+            Property::always("TCConsistent", |_, s: &SysState| {
+                s.history.decide.len() <= 1
+                    && !(agents(s).any(|a| a.outcomes.contains(&Outcome::Committed))
+                        && agents(s).any(|a| a.outcomes.contains(&Outcome::Aborted)))
+            }),
+            Property::always(
+                "each instance chooses at most one value",
+                |_, s: &SysState| chosen(s).values().all(|vs| vs.len() <= 1),
+            ),
+            Property::always(
+                "commit only if every participant voted Prepared",
+                |_, s: &SysState| {
+                    !s.history.announced(Outcome::Committed)
+                        || agents(s).all(|a| a.voted() == Some(Vote::Prepared))
+                },
+            ),
+            Property::always(
+                "an announced decision is the one the chosen values imply",
+                |_, s: &SysState| {
+                    let chosen = chosen(s);
+                    let all_prepared = AGENTS.iter().all(|a| {
+                        chosen
+                            .get(*a)
+                            .is_some_and(|vs| vs.contains(&Vote::Prepared))
+                    });
+                    let some_aborted = chosen.values().any(|vs| vs.contains(&Vote::Aborted));
+                    (!s.history.announced(Outcome::Committed) || all_prepared)
+                        && (!s.history.announced(Outcome::Aborted) || some_aborted)
+                },
+            ),
+            Property::always("only one decision is announced", |_, s: &SysState| {
+                !(s.history.announced(Outcome::Committed) && s.history.announced(Outcome::Aborted))
+            }),
+            Property::sometimes("a commit", |_, s: &SysState| {
+                s.history.decide.contains(&Outcome::Committed)
+            }),
+            Property::sometimes("an abort", |_, s: &SysState| {
+                s.history.decide.contains(&Outcome::Aborted)
+            }),
+        ];
+        if self.0.cfg.max_rounds > 0 {
+            properties.push(Property::sometimes(
+                "a commit through a takeover",
+                |_, s: &SysState| {
+                    rounds_started(s) > 0 && s.history.decide.contains(&Outcome::Committed)
+                },
+            ));
+            properties.push(Property::sometimes(
+                "an abort through a takeover",
+                |_, s: &SysState| {
+                    rounds_started(s) > 0 && s.history.decide.contains(&Outcome::Aborted)
+                },
+            ));
+        }
+        if self.0.cfg.finishing {
+            properties.push(Property::sometimes(
+                "a replica forgot the finished transaction",
+                |_, s: &SysState| {
+                    s.actor_states.iter().any(|a| match &**a {
+                        State::Replica(r) => r.replica.status(txn()).expired,
+                        State::Agent(_) => false,
+                    })
+                },
+            ));
+        }
+        properties
+    }
+}
+
+fn model(cfg: Cfg) -> PaxosCommitModel {
+    PaxosCommitModel(actor_model(cfg))
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn check(cfg: Cfg) -> impl Checker<PaxosCommitModel> {
+    let start = Instant::now();
+    let checker = model(cfg).checker().threads(threads()).spawn_bfs().join();
+    println!(
+        "{cfg:?}\n  {} unique states ({} generated, max depth {}) in {:.1?}",
+        checker.unique_state_count(),
+        checker.state_count(),
+        checker.max_depth(),
+        start.elapsed()
+    );
+    checker
+}
+
+const BOTH_WAYS: &[[Vote; 2]] = &[
+    [Vote::Prepared, Vote::Prepared],
+    [Vote::Prepared, Vote::Aborted],
+];
+
+/// Any configuration, from the environment (for exploring bounds), e.g.
+/// `PXC_ROUNDS=2 PXC_CRASHES=1 cargo test -p paxos-commit-core --test model -- --ignored
+/// --nocapture explore`.
+#[test]
+#[ignore]
+fn explore() {
+    let var = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let cfg = Cfg {
+        max_rounds: var("PXC_ROUNDS", 2),
+        proposers: var("PXC_PROPOSERS", 7) as u32,
+        max_crashes: var("PXC_CRASHES", 1),
+        lossy: var("PXC_LOSSY", 0) == 1,
+        duplicating: var("PXC_DUP", 1) == 1,
+        lazy_survives: var("PXC_LAZY", 0) == 1,
+        asks: var("PXC_ASKS", 1) == 1,
+        finishing: var("PXC_FINISHING", 0) == 1,
+        votes: if var("PXC_PA", 1) == 1 {
+            BOTH_WAYS
+        } else {
+            &[[Vote::Prepared, Vote::Prepared]]
+        },
+        bug: if var("PXC_BUG", 0) == 1 {
+            Bug::ForgetPromises
+        } else {
+            Bug::None
+        },
+    };
+    let depth = var("PXC_DEPTH", 0);
+    if depth > 0 {
+        for d in 1..=depth {
+            let start = Instant::now();
+            let c = model(cfg)
+                .checker()
+                .threads(threads())
+                .target_max_depth(d)
+                .spawn_bfs()
+                .join();
+            println!(
+                "depth {d}: {} unique in {:.1?}",
+                c.unique_state_count(),
+                start.elapsed()
+            );
+        }
+        return;
+    }
+    check(cfg).assert_properties();
+}
+
+/// The checker finds the violation an acceptor that forgets its promises causes.
+#[test]
+fn forgetting_promises_is_caught() {
+    let cfg = Cfg {
+        max_rounds: 1,
+        proposers: 0b111,
+        max_crashes: 1,
+        lossy: false,
+        duplicating: true,
+        lazy_survives: false,
+        asks: false,
+        finishing: false,
+        votes: &[[Vote::Prepared, Vote::Prepared]],
+        bug: Bug::ForgetPromises,
+    };
+    let start = Instant::now();
+    let checker = model(cfg)
+        .checker()
+        .threads(threads())
+        .finish_when(HasDiscoveries::AnyFailures)
+        .spawn_bfs()
+        .join();
+    let found: Vec<&str> = checker
+        .discoveries()
+        .into_keys()
+        .filter(|name| {
+            matches!(
+                *name,
+                "TCConsistent"
+                    | "each instance chooses at most one value"
+                    | "an announced decision is the one the chosen values imply"
+                    | "only one decision is announced"
+            )
+        })
+        .collect();
+    println!(
+        "forgetful acceptor: {found:?} after {} unique states in {:.1?}",
+        checker.unique_state_count(),
+        start.elapsed()
+    );
+    assert!(!found.is_empty(), "the checker missed a forgetful acceptor");
+    let path = checker.discovery(found[0]).expect("a path");
+    for action in path.into_actions() {
+        println!("  {action:?}");
+    }
+}
+
+#[test]
+#[ignore]
+fn debug_growth() {
+    let cfg = Cfg {
+        max_rounds: 1,
+        proposers: 0b111,
+        max_crashes: 0,
+        lossy: false,
+        duplicating: true,
+        lazy_survives: false,
+        asks: false,
+        finishing: false,
+        votes: &[[Vote::Prepared, Vote::Prepared]],
+        bug: Bug::None,
+    };
+    struct Dbg(PaxosCommitModel);
+    impl Model for Dbg {
+        type State = SysState;
+        type Action = <Sys as Model>::Action;
+        fn init_states(&self) -> Vec<SysState> { self.0.init_states() }
+        fn actions(&self, s: &SysState, a: &mut Vec<Self::Action>) { self.0.actions(s, a) }
+        fn next_state(&self, s: &SysState, a: Self::Action) -> Option<SysState> { self.0.next_state(s, a) }
+        fn within_boundary(&self, s: &SysState) -> bool { self.0.within_boundary(s) }
+        fn properties(&self) -> Vec<Property<Self>> {
+            vec![Property::sometimes("big", |_, s: &SysState| s.network.len() > 40)]
+        }
+    }
+    let n: usize = std::env::var("PXC_N").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+    let _ = n;
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    let c = Dbg(model(cfg)).checker().threads(1).target_max_depth(13)
+        .visitor(move |p: stateright::Path<SysState, <Sys as Model>::Action>| {
+            let actions = p.clone().into_actions();
+            if actions.len() >= 11 {
+                let k = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if k % 40000 == 7 {
+                    println!("---- path");
+                    let last = p.last_state().clone();
+                    for a in actions { println!("  {a:?}"); }
+                    for s in &last.actor_states { println!("  STATE {s:?}"); }
+                }
+            }
+        })
+        .spawn_bfs().join();
+    let _ = c;
+}
