@@ -125,6 +125,9 @@ impl AgentState {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+// Actor states are compared and hashed by value across millions of states; boxing the
+// large variant would only add an allocation per clone.
+#[allow(clippy::large_enum_variant)]
 enum State {
     Replica(ReplicaState),
     Agent(AgentState),
@@ -228,11 +231,7 @@ fn replica_step(
 ) {
     let current = replica_of(state);
     let mut next = current.clone();
-    let before: BTreeSet<TxnId> = next
-        .replica
-        .armed()
-        .filter(|t| Some(*t) != fired)
-        .collect();
+    let before: BTreeSet<TxnId> = next.replica.armed().filter(|t| Some(*t) != fired).collect();
     f(&mut next.replica);
     let outputs = next.replica.drain();
     if next == *current && outputs.is_empty() && fired.is_none() {
@@ -798,30 +797,53 @@ fn debug_growth() {
     impl Model for Dbg {
         type State = SysState;
         type Action = <Sys as Model>::Action;
-        fn init_states(&self) -> Vec<SysState> { self.0.init_states() }
-        fn actions(&self, s: &SysState, a: &mut Vec<Self::Action>) { self.0.actions(s, a) }
-        fn next_state(&self, s: &SysState, a: Self::Action) -> Option<SysState> { self.0.next_state(s, a) }
-        fn within_boundary(&self, s: &SysState) -> bool { self.0.within_boundary(s) }
+        fn init_states(&self) -> Vec<SysState> {
+            self.0.init_states()
+        }
+        fn actions(&self, s: &SysState, a: &mut Vec<Self::Action>) {
+            self.0.actions(s, a)
+        }
+        fn next_state(&self, s: &SysState, a: Self::Action) -> Option<SysState> {
+            self.0.next_state(s, a)
+        }
+        fn within_boundary(&self, s: &SysState) -> bool {
+            self.0.within_boundary(s)
+        }
         fn properties(&self) -> Vec<Property<Self>> {
-            vec![Property::sometimes("big", |_, s: &SysState| s.network.len() > 40)]
+            vec![Property::sometimes("big", |_, s: &SysState| {
+                s.network.len() > 40
+            })]
         }
     }
-    let n: usize = std::env::var("PXC_N").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+    let n: usize = std::env::var("PXC_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
     let _ = n;
     let count = std::sync::atomic::AtomicUsize::new(0);
-    let c = Dbg(model(cfg)).checker().threads(1).target_max_depth(13)
-        .visitor(move |p: stateright::Path<SysState, <Sys as Model>::Action>| {
-            let actions = p.clone().into_actions();
-            if actions.len() >= 11 {
-                let k = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if k % 40000 == 7 {
-                    println!("---- path");
-                    let last = p.last_state().clone();
-                    for a in actions { println!("  {a:?}"); }
-                    for s in &last.actor_states { println!("  STATE {s:?}"); }
+    let c = Dbg(model(cfg))
+        .checker()
+        .threads(1)
+        .target_max_depth(13)
+        .visitor(
+            move |p: stateright::Path<SysState, <Sys as Model>::Action>| {
+                let actions = p.clone().into_actions();
+                if actions.len() >= 11 {
+                    let k = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k % 40000 == 7 {
+                        println!("---- path");
+                        let last = p.last_state().clone();
+                        for a in actions {
+                            println!("  {a:?}");
+                        }
+                        for s in &last.actor_states {
+                            println!("  STATE {s:?}");
+                        }
+                    }
                 }
-            }
-        })
-        .spawn_bfs().join();
+            },
+        )
+        .spawn_bfs()
+        .join();
     let _ = c;
 }
