@@ -1,14 +1,21 @@
 //! A whole deployment on loopback for tests, the demo and benchmarks: one PostgreSQL cluster
 //! and one participant agent per database, and 2F+1 coordinator replicas, all real processes
 //! from the built binaries. Everything stops when the `Cluster` is dropped.
+//!
+//! With [`Spec::with_proxies`], every connection between components (client → replica,
+//! client → agent, agent → replica, replica → agent, replica → replica) goes through a fault
+//! proxy of [`crate::proxy`], one per directed link, so that a test can partition, delay and
+//! break the network between them.
 
 use crate::pg::PgCluster;
 use crate::process::{binary_path, free_port, Proc, TestDir};
+use crate::proxy::{Net, Node, Source};
 use anyhow::{bail, Context, Result};
 use paxos_commit_proto::client::{Client, ClientConfig};
 use paxos_commit_proto::pb;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to start.
@@ -31,6 +38,8 @@ pub struct Spec {
     pub agent_env: BTreeMap<String, Vec<(String, String)>>,
     /// Extra environment for one replica.
     pub replica_env: BTreeMap<usize, Vec<(String, String)>>,
+    /// Route every link between components through a fault proxy (see [`Spec::with_proxies`]).
+    pub proxies: bool,
 }
 
 impl Spec {
@@ -62,6 +71,24 @@ impl Spec {
         self
     }
 
+    /// Routes every link between components through its own fault proxy, reachable as
+    /// [`Cluster::net`]:
+    ///
+    /// * replica i reaches replica j (j ≠ i) through a proxy of link `replica-i → replica-j`
+    ///   (its own entry in `--replicas` stays its real address: Begin hands it out);
+    /// * agent a reaches replica j through `agent-a → replica-j`;
+    /// * the replicas reach agent a at the address it advertises, one proxy that tells the
+    ///   replicas apart by the process that connects (links `replica-i → agent-a`);
+    /// * the cluster's client reaches replica j and agent a through `client → replica-j` and
+    ///   `client → agent-a` ([`Cluster::client_replica_addrs`], [`Cluster::client_agent_addrs`]).
+    ///
+    /// `replica_addrs` and `agent_addrs` stay the real listen addresses. Agents ↔ PostgreSQL
+    /// connections are direct.
+    pub fn with_proxies(mut self, on: bool) -> Spec {
+        self.proxies = on;
+        self
+    }
+
     pub fn new(name: &str, replicas: usize, participants: &[&str]) -> Spec {
         Spec {
             name: name.to_string(),
@@ -74,6 +101,7 @@ impl Spec {
             group: "test".to_string(),
             agent_env: BTreeMap::new(),
             replica_env: BTreeMap::new(),
+            proxies: false,
             env: vec![(
                 "RUST_LOG".to_string(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -89,7 +117,14 @@ pub struct Cluster {
     pub agents: BTreeMap<String, Proc>,
     pub agent_addrs: BTreeMap<String, String>,
     pub pgs: BTreeMap<String, PgCluster>,
+    /// The client of the deployment; through the proxies when they are on.
     pub client: Client,
+    /// Where clients reach the replicas: the proxies' addresses, or `replica_addrs`.
+    pub client_replica_addrs: Vec<String>,
+    /// Where clients reach the agents: the proxies' addresses, or `agent_addrs`.
+    pub client_agent_addrs: BTreeMap<String, String>,
+    /// The fault proxies, when [`Spec::with_proxies`] is on.
+    pub net: Option<Arc<Net>>,
     // Dropped last: processes first, then their directory.
     pub dir: TestDir,
 }
@@ -118,6 +153,16 @@ impl Cluster {
         let replica_addrs: Vec<String> = (0..spec.replicas)
             .map(|_| free_port().map(addr))
             .collect::<Result<_>>()?;
+        let agent_listen: BTreeMap<String, String> = pgs
+            .keys()
+            .map(|p| Ok((p.clone(), addr(free_port()?))))
+            .collect::<Result<_>>()?;
+        let replica_dir = |i: usize| dir.join(format!("replica-{i}")).display().to_string();
+        let routes = if spec.proxies {
+            Routes::proxied(&replica_addrs, &agent_listen, &replica_dir).await?
+        } else {
+            Routes::direct(&replica_addrs, &agent_listen)
+        };
         let coordinator = binary_path("coordinator")?;
         let mut replicas = Vec::new();
         for i in 0..spec.replicas {
@@ -127,9 +172,9 @@ impl Cluster {
                 "--group".into(),
                 spec.group.clone(),
                 "--replicas".into(),
-                replica_addrs.join(","),
+                routes.replica_peers[i].join(","),
                 "--data-dir".into(),
-                dir.join(format!("replica-{i}")).display().to_string(),
+                replica_dir(i),
                 "--takeover-after-ms".into(),
                 spec.takeover_after_ms.to_string(),
                 "--commit-timeout-ms".into(),
@@ -150,8 +195,8 @@ impl Cluster {
         let mut agents = BTreeMap::new();
         let mut agent_addrs = BTreeMap::new();
         for (p, pg) in &pgs {
-            let listen = addr(free_port()?);
-            let args = vec![
+            let listen = agent_listen[p].clone();
+            let mut args = vec![
                 "--participant".into(),
                 p.clone(),
                 "--group".into(),
@@ -161,12 +206,15 @@ impl Cluster {
                 "--listen".into(),
                 listen.clone(),
                 "--coordinators".into(),
-                replica_addrs.join(","),
+                routes.agent_coordinators[p].join(","),
                 "--branch-timeout-ms".into(),
                 spec.branch_timeout_ms.to_string(),
                 "--in-doubt-after-ms".into(),
                 spec.in_doubt_after_ms.to_string(),
             ];
+            if let Some(advertise) = routes.agent_advertise.get(p) {
+                args.extend(["--advertise".into(), advertise.clone()]);
+            }
             let mut env = spec.env.clone();
             env.extend(spec.agent_env.get(p).cloned().unwrap_or_default());
             agents.insert(
@@ -183,8 +231,8 @@ impl Cluster {
         }
 
         let client = Client::new(&ClientConfig {
-            replicas: replica_addrs.clone(),
-            agents: agent_addrs.clone(),
+            replicas: routes.client_replicas.clone(),
+            agents: routes.client_agents.clone(),
             rpc_timeout: Some(Duration::from_secs(30)),
         })?;
         let cluster = Cluster {
@@ -195,6 +243,9 @@ impl Cluster {
             agent_addrs,
             pgs,
             client,
+            client_replica_addrs: routes.client_replicas,
+            client_agent_addrs: routes.client_agents,
+            net: routes.net,
             dir,
         };
         for i in 0..cluster.replicas.len() {
@@ -204,6 +255,25 @@ impl Cluster {
             cluster.wait_agent(&p).await?;
         }
         Ok(cluster)
+    }
+
+    /// A client configuration reaching the deployment the way [`Cluster::client`] does
+    /// (through the proxies when they are on), with another RPC deadline.
+    pub fn client_config(&self, rpc_timeout: Duration) -> ClientConfig {
+        ClientConfig {
+            replicas: self.client_replica_addrs.clone(),
+            agents: self.client_agent_addrs.clone(),
+            rpc_timeout: Some(rpc_timeout),
+        }
+    }
+
+    /// A client on the real addresses, bypassing the proxies (for checks after a fault test).
+    pub fn direct_client(&self) -> Result<Client> {
+        Ok(Client::new(&ClientConfig {
+            replicas: self.replica_addrs.clone(),
+            agents: self.agent_addrs.clone(),
+            rpc_timeout: Some(Duration::from_secs(30)),
+        })?)
     }
 
     fn sock(a: &str) -> Result<SocketAddr> {
@@ -326,5 +396,112 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Who reaches whom at which address: the real ones, or the proxies of every link.
+struct Routes {
+    /// Per replica: its `--replicas` list (its own entry is its real address).
+    replica_peers: Vec<Vec<String>>,
+    /// Per agent: its `--coordinators` list.
+    agent_coordinators: BTreeMap<String, Vec<String>>,
+    /// Per agent: its `--advertise` address, when it differs from where it listens.
+    agent_advertise: BTreeMap<String, String>,
+    client_replicas: Vec<String>,
+    client_agents: BTreeMap<String, String>,
+    net: Option<Arc<Net>>,
+}
+
+impl Routes {
+    fn direct(replicas: &[String], agents: &BTreeMap<String, String>) -> Routes {
+        Routes {
+            replica_peers: vec![replicas.to_vec(); replicas.len()],
+            agent_coordinators: agents
+                .keys()
+                .map(|p| (p.clone(), replicas.to_vec()))
+                .collect(),
+            agent_advertise: BTreeMap::new(),
+            client_replicas: replicas.to_vec(),
+            client_agents: agents.clone(),
+            net: None,
+        }
+    }
+
+    async fn proxied(
+        replicas: &[String],
+        agents: &BTreeMap<String, String>,
+        replica_dir: &dyn Fn(usize) -> String,
+    ) -> Result<Routes> {
+        let net = Net::new();
+        let sock = |a: &String| -> Result<SocketAddr> { Cluster::sock(a) };
+        let mut replica_peers = Vec::new();
+        for i in 0..replicas.len() {
+            let mut peers = Vec::new();
+            for (j, target) in replicas.iter().enumerate() {
+                if i == j {
+                    peers.push(target.clone());
+                } else {
+                    let a = net
+                        .proxy(
+                            Source::Fixed(Node::Replica(i)),
+                            Node::Replica(j),
+                            sock(target)?,
+                        )
+                        .await?;
+                    peers.push(a.to_string());
+                }
+            }
+            replica_peers.push(peers);
+        }
+        // A replica's data directory is on its command line and unique to it: that is how
+        // the agents' inbound proxies tell which replica connected.
+        let replica_procs: Vec<(Node, String)> = (0..replicas.len())
+            .map(|i| (Node::Replica(i), replica_dir(i)))
+            .collect();
+        let mut agent_coordinators = BTreeMap::new();
+        let mut agent_advertise = BTreeMap::new();
+        let mut client_agents = BTreeMap::new();
+        for (p, listen) in agents {
+            let agent = Node::Agent(p.clone());
+            let mut coordinators = Vec::new();
+            for (j, target) in replicas.iter().enumerate() {
+                let a = net
+                    .proxy(
+                        Source::Fixed(agent.clone()),
+                        Node::Replica(j),
+                        sock(target)?,
+                    )
+                    .await?;
+                coordinators.push(a.to_string());
+            }
+            agent_coordinators.insert(p.clone(), coordinators);
+            let inbound = net
+                .proxy(
+                    Source::ByProcess(replica_procs.clone()),
+                    agent.clone(),
+                    sock(listen)?,
+                )
+                .await?;
+            agent_advertise.insert(p.clone(), inbound.to_string());
+            let from_client = net
+                .proxy(Source::Fixed(Node::Client), agent, sock(listen)?)
+                .await?;
+            client_agents.insert(p.clone(), from_client.to_string());
+        }
+        let mut client_replicas = Vec::new();
+        for (j, target) in replicas.iter().enumerate() {
+            let a = net
+                .proxy(Source::Fixed(Node::Client), Node::Replica(j), sock(target)?)
+                .await?;
+            client_replicas.push(a.to_string());
+        }
+        Ok(Routes {
+            replica_peers,
+            agent_coordinators,
+            agent_advertise,
+            client_replicas,
+            client_agents,
+            net: Some(net),
+        })
     }
 }

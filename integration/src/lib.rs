@@ -15,9 +15,13 @@
 //! On top of them:
 //!
 //! - [`cluster`]: a whole deployment (databases, agents, 2F+1 replicas) on loopback;
-//! - [`bank`]: the transfer workload and its invariants.
+//! - [`bank`]: the transfer workload and its invariants;
+//! - [`proxy`]: loopback fault proxies between the components (cut, delay, loss);
+//! - [`nemesis`]: the randomized fault schedule, workload and checker of the nemesis test.
 
 pub mod bank;
 pub mod cluster;
+pub mod nemesis;
 pub mod pg;
 pub mod process;
+pub mod proxy;
