@@ -255,18 +255,13 @@ async fn execute_cancelled_while_enlisting_leaves_no_open_transaction() -> Resul
 /// 9 minutes, GetStatus "in progress" to the end), reduced to one transaction.
 ///
 /// The participant set R lives in the leader's memory and travels with the Prepare and with
-/// each agent's vote. If the leader dies before any vote reached an acceptor (here the only
-/// agent crashes right after PREPARE TRANSACTION, before voting), no replica knows R. The
-/// restarted agent finds the branch in `pg_prepared_xacts` and re-sends its ballot-0 vote —
-/// Prepared, but with an empty R, since nothing durable on its side records R. The acceptors
-/// accept it; every takeover then re-proposes Prepared for the one instance it knows, and
-/// the decision rule can neither commit (R unknown) nor abort (no instance chose Aborted):
-/// the transaction is in progress forever and its branch stays prepared, holding its locks.
-/// A single-database transfer is enough; with several participants the same happens when
-/// none of their votes carrying R landed.
+/// each agent's vote. Here the leader dies before any vote reached an acceptor (the only
+/// agent crashes right after PREPARE TRANSACTION, before voting), so no replica knows R. The
+/// restarted agent used to re-send its ballot-0 vote as Prepared with an empty R; once
+/// chosen, no takeover could commit (R unknown) or abort (no instance chose Aborted), and the
+/// branch stayed prepared forever. Now a recovered agent only asks (naming its instance) and
+/// acceptors refuse an R-less Prepared vote, so a takeover chooses Aborted for the instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "reproduces an open product bug (a recovered agent's vote without R makes the \
-            transaction undecidable); run with --ignored"]
 async fn leader_and_agent_lost_before_any_vote_still_decides() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     const A: &str = "bank_a";
@@ -314,10 +309,13 @@ async fn leader_and_agent_lost_before_any_vote_still_decides() -> Result<()> {
         pb::TxnState::try_from(status.state),
         status.participants
     );
-    assert!(
-        decided.is_some(),
-        "{txid} is undecidable: GetStatus {:?}",
-        pb::TxnState::try_from(status.state)
+    assert_eq!(
+        decided,
+        Some(pb::TxnState::Aborted),
+        "{txid}: the one vote never reached an acceptor, so the group must abort"
     );
-    c.wait_no_prepared(Duration::from_secs(10)).await
+    c.wait_no_prepared(Duration::from_secs(10)).await?;
+    assert_eq!(bank::balance(&c, A, 1).await?, 100);
+    assert_eq!(bank::balance(&c, A, 2).await?, 100);
+    Ok(())
 }

@@ -450,8 +450,8 @@ impl Branches {
         Ok(out)
     }
 
-    /// After a restart: every prepared transaction of ours is in doubt. Re-send its vote and
-    /// let the in-doubt sweep ask the group for the outcome.
+    /// After a restart: every prepared transaction of ours is in doubt; the in-doubt sweep
+    /// asks the group for its outcome right away.
     pub async fn recover(&self) -> Result<usize, AgentError> {
         let prepared = self.list_prepared().await?;
         let long_ago = Instant::now()
@@ -465,7 +465,10 @@ impl Branches {
                     since: long_ago,
                 }),
             );
-            self.coordinators.vote(row.txn, Vote::Prepared, &[]);
+            // No vote here: R died with the process, and a Prepared vote without R could be
+            // chosen yet leave the group unable to commit (R unknown) or abort (the instance
+            // is Prepared). The sweep asks the group instead, naming this instance, which lets
+            // a takeover choose Aborted for it if its vote never reached the acceptors.
         }
         Ok(prepared.len())
     }

@@ -433,6 +433,11 @@ impl Replica {
                 vote,
                 participants,
             } => {
+                if ballot == 0 && vote == Vote::Prepared && participants.is_empty() {
+                    // Every Prepared acceptance must carry R: a chosen Prepared without it
+                    // can neither commit (R unknown) nor abort once the leader is gone.
+                    return;
+                }
                 let acc = self.acceptor_entry(now, txn);
                 let reply = acc.on_phase2a(txn, &participant, ballot, vote, &participants);
                 let to = if ballot == 0 {

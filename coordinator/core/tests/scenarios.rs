@@ -842,6 +842,31 @@ fn in_doubt_participant_whose_vote_reached_no_one_alive_gets_abort() {
     assert_eq!(sim.status(0, txn).decided, Some(Outcome::Aborted));
 }
 
+/// A participant that restarted after PREPARE no longer knows R. A Prepared vote without R
+/// must not be accepted: once chosen it could neither commit (R unknown) nor abort. Asking
+/// with its instance named instead lets a takeover choose Aborted for it.
+#[test]
+fn prepared_vote_without_r_is_refused_and_asking_aborts() {
+    let mut sim = Sim::new(3, &[("a", Policy::Silent)]);
+    let txn = sim.begin_and_commit();
+    sim.drop_where(|e| matches!(e.to, Node::Agent(_)));
+    sim.crash(0);
+    // The restarted agent's R-less vote reaches every acceptor still up: none takes it.
+    sim.vote("a", txn, Vote::Prepared, Some(&[1, 2]));
+    sim.deliver_all();
+    for r in [1, 2] {
+        assert!(
+            sim.status(r, txn).accepted.is_empty(),
+            "replica {r} accepted it"
+        );
+    }
+    let answer = sim.with(1, |rep, now| rep.resolve(now, txn, Some("a"), &[]));
+    assert_eq!(answer, Ok(None));
+    sim.deliver_all();
+    assert_eq!(sim.status(1, txn).decided, Some(Outcome::Aborted));
+    assert_eq!(unanimous(&sim), Some(Outcome::Aborted));
+}
+
 /// F = 0 (classic 2PC on the same code path): an in-doubt participant asks the restarted
 /// single replica. Its phase 1 goes only to itself (loopback), so the answer must come within
 /// the same call, not after the next unrelated input.
