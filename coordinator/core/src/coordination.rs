@@ -101,6 +101,8 @@ impl Coordination {
         entry.1.insert(acceptor);
         if entry.1.len() >= majority(replicas) {
             self.chosen.insert(instance.to_string(), vote);
+            // Its other ballots' counts can no longer matter.
+            self.tally.retain(|(i, _), _| i != instance);
             return true;
         }
         false

@@ -930,6 +930,24 @@ impl Replica {
         }
     }
 
+    /// Hashes everything that decides this replica's future behaviour except timer deadlines
+    /// and the back-off generator (which only move deadlines). For model checkers, where any
+    /// armed timer may fire at any moment: replicas equal under this hash behave alike.
+    #[doc(hidden)]
+    pub fn hash_protocol_state<H: std::hash::Hasher>(&self, h: &mut H) {
+        use std::hash::Hash;
+        self.cfg.hash(h);
+        self.round.hash(h);
+        self.acceptor.hash(h);
+        self.coordination.hash(h);
+        for txn in self.timers.keys() {
+            txn.hash(h);
+        }
+        self.expired.hash(h);
+        self.loopback.hash(h);
+        self.out.hash(h);
+    }
+
     /// Reason recorded with the decision, when this replica decided it.
     pub fn reason(&self, txn: TxnId) -> Option<&str> {
         self.coordination

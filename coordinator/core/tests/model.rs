@@ -40,7 +40,11 @@ use stateright::actor::{
 };
 use stateright::{Checker, HasDiscoveries, Model, Property};
 use std::borrow::Cow;
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -53,8 +57,12 @@ fn txn() -> TxnId {
     TxnId::new(0, 1)
 }
 
-fn participants() -> Vec<Participant> {
-    AGENTS.iter().map(|a| Participant::new(*a, "")).collect()
+/// R: the first `n` agents.
+fn participants(n: usize) -> Vec<Participant> {
+    AGENTS[..n]
+        .iter()
+        .map(|a| Participant::new(*a, ""))
+        .collect()
 }
 
 fn agent_index(participant: &str) -> usize {
@@ -76,13 +84,77 @@ fn seed(id: ReplicaId) -> u64 {
     0x5eed + u64::from(id)
 }
 
+fn hash_of<T: Hash + ?Sized>(value: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// A value shared between states, hashed once: the checker clones and hashes every state it
+/// generates (its fingerprint), and these parts of a state are big and rarely change.
+#[derive(Clone)]
+struct Shared<T> {
+    value: Arc<T>,
+    fp: u64,
+}
+
+impl<T: Hash> Shared<T> {
+    fn new(value: T) -> Shared<T> {
+        let fp = hash_of(&value);
+        Shared {
+            value: Arc::new(value),
+            fp,
+        }
+    }
+}
+
+impl<T> Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: PartialEq> PartialEq for Shared<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.value, &other.value) || (self.fp == other.fp && self.value == other.value)
+    }
+}
+
+impl<T: Eq> Eq for Shared<T> {}
+
+impl<T> Hash for Shared<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.fp);
+    }
+}
+
+impl<T: Ord> PartialOrd for Shared<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T: Ord> Ord for Shared<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.value.cmp(&other.value)
+    }
+}
+
+impl<T: Debug> Debug for Shared<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
 /// What travels between actors.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Wire {
-    /// The core's messages (shared: the network clones envelopes a lot).
-    Core(Arc<Msg>),
+    Core(Shared<Msg>),
     /// Agent → the replica that sent Decide: applied (the shell calls `on_applied`).
-    Applied { participant: String },
+    Applied {
+        participant: String,
+    },
     /// In-doubt agent → a replica: what is the outcome? (`Replica::resolve` with R.)
     Resolve {
         participant: String,
@@ -99,12 +171,59 @@ enum Timer {
 }
 
 /// Every record a replica ever made durable. A set: replaying records is order-insensitive.
-type Durable = Arc<BTreeSet<Record>>;
+/// Its fingerprint leaves out Promise records below the highest (they replay to the same
+/// acceptor, and no property looks at them).
+type Durable = Shared<BTreeSet<Record>>;
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+fn durable_of(records: BTreeSet<Record>) -> Durable {
+    let top = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Promise { ballot, .. } => Some(*ballot),
+            _ => None,
+        })
+        .max();
+    let mut h = DefaultHasher::new();
+    for r in &records {
+        if !matches!(r, Record::Promise { ballot, .. } if Some(*ballot) != top) {
+            r.hash(&mut h);
+        }
+    }
+    Shared {
+        value: Arc::new(records),
+        fp: h.finish(),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct ReplicaState {
     replica: Replica,
     durable: Durable,
+    /// `Replica::hash_protocol_state`: without timer deadlines and the back-off RNG. Time
+    /// never advances in the model and any armed timer may fire, so those cannot change what
+    /// happens, and states that differ only by them are one.
+    fp: u64,
+}
+
+impl Hash for ReplicaState {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.fp);
+        self.durable.hash(state);
+    }
+}
+
+fn replica_fp(replica: &Replica) -> u64 {
+    let mut h = DefaultHasher::new();
+    replica.hash_protocol_state(&mut h);
+    h.finish()
+}
+
+fn replica_state(replica: Replica, durable: Durable) -> ReplicaState {
+    ReplicaState {
+        fp: replica_fp(&replica),
+        replica,
+        durable,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -165,8 +284,14 @@ struct Cfg {
     /// ignore Decide and a replica's timer does nothing once it knows the decision; this
     /// cannot hide a wrong decision, since announcements are checked when sent.
     finishing: bool,
-    /// The initial vote combinations (agent a's, agent b's).
+    /// Participants (agents) in R: 1 or 2.
+    agents: usize,
+    /// The initial vote combinations (agent a's, agent b's; the first `agents` are used).
     votes: &'static [[Vote; 2]],
+    /// Agents vote when Prepare arrives; otherwise their votes are in flight from the start
+    /// (the leader commits in its `on_start`, so that only removes the Prepare deliveries
+    /// from the interleavings: a vote may still arrive at any time, or never).
+    prepare_step: bool,
     bug: Bug,
 }
 
@@ -194,7 +319,10 @@ fn insert(set: &mut Durable, record: Record) -> bool {
     if set.contains(&record) {
         return false;
     }
-    Arc::make_mut(set).insert(record)
+    let mut records = (*set.value).clone();
+    records.insert(record);
+    *set = durable_of(records);
+    true
 }
 
 /// Routes a replica's outputs; returns whether the durable record set grew.
@@ -213,7 +341,7 @@ fn emit(st: &mut ReplicaState, outputs: Vec<Output>, cfg: &Cfg, o: &mut Out<Node
                     Dest::Replica(r) => Id::from(r as usize),
                     Dest::Agent(p) => agent_actor(agent_index(&p.id)),
                 };
-                o.send(dst, Wire::Core(Arc::new(msg)));
+                o.send(dst, Wire::Core(Shared::new(msg)));
             }
             Output::Decided { .. } | Output::Finished { .. } => {}
         }
@@ -240,7 +368,10 @@ fn replica_step(
     if emit(&mut next, outputs, cfg, o) {
         o.save(next.durable.clone());
     }
-    let changed = next != *current;
+    let changed = next.replica != current.replica || next.durable != current.durable;
+    if changed {
+        next.fp = replica_fp(&next.replica);
+    }
     let after: BTreeSet<TxnId> = next.replica.armed().collect();
     for t in after.difference(&before) {
         o.set_timer(Timer::Txn(*t), model_timeout());
@@ -278,17 +409,14 @@ impl Actor for Node {
                 if rid == 0 {
                     let t = replica.begin(NOW, 1);
                     assert_eq!(t, txn());
-                    for p in participants() {
+                    for p in participants(cfg.agents) {
                         replica.enlist(NOW, t, p).expect("enlist");
                     }
                     assert_eq!(replica.commit(NOW, t), Ok(None));
                 }
                 // Saved even empty: a restart is then told apart from the first start.
-                o.save(Durable::default());
-                ReplicaState {
-                    replica,
-                    durable: Durable::default(),
-                }
+                o.save(durable_of(BTreeSet::new()));
+                replica_state(replica, durable_of(BTreeSet::new()))
             }
             Some(records) => {
                 let replay: Vec<Record> = records
@@ -298,10 +426,10 @@ impl Actor for Node {
                     })
                     .cloned()
                     .collect();
-                ReplicaState {
-                    replica: Replica::recover(config(rid), seed(rid), &replay, NOW),
-                    durable: records.clone(),
-                }
+                replica_state(
+                    Replica::recover(config(rid), seed(rid), &replay, NOW),
+                    records.clone(),
+                )
             }
         };
         let outputs = st.replica.drain();
@@ -316,6 +444,13 @@ impl Actor for Node {
         match self {
             Node::Replica(cfg) => {
                 let t = txn();
+                if !cfg.finishing && std::env::var("PXC_NODECIDED").is_ok() {
+                    if let Wire::Core(m) = &msg {
+                        if matches!(**m, Msg::Decided { .. }) {
+                            return;
+                        }
+                    }
+                }
                 replica_step(cfg, state, o, None, |replica| match msg {
                     Wire::Core(m) => {
                         replica.on_message(NOW, usize::from(src) as ReplicaId, (*m).clone())
@@ -345,7 +480,7 @@ impl Actor for Node {
                         let votes =
                             participant::vote(txn(), me, next.intent, participants, REPLICAS);
                         for (r, vote) in votes {
-                            o.send(Id::from(r as usize), Wire::Core(Arc::new(vote)));
+                            o.send(Id::from(r as usize), Wire::Core(Shared::new(vote)));
                         }
                         if cfg.asks && next.intent == Vote::Prepared {
                             o.set_timer(Timer::AskOutcome, model_timeout());
@@ -503,7 +638,7 @@ fn rounds_started(state: &SysState) -> usize {
 fn actor_model(cfg: Cfg) -> Sys {
     ActorModel::new(cfg, History::default())
         .actors((0..REPLICAS).map(|_| Node::Replica(cfg)))
-        .actors(AGENTS.iter().map(|_| Node::Agent(cfg)))
+        .actors((0..cfg.agents).map(|_| Node::Agent(cfg)))
         .init_network(if cfg.duplicating {
             Network::new_unordered_duplicating([])
         } else {
@@ -549,10 +684,37 @@ impl Model for PaxosCommitModel {
         for init in self.0.init_states() {
             for votes in self.0.cfg.votes {
                 let mut s = init.clone();
-                for (i, vote) in votes.iter().enumerate() {
+                for (i, vote) in votes.iter().take(self.0.cfg.agents).enumerate() {
                     let index = REPLICAS as usize + i;
                     let mut agent = agent_of(&s.actor_states[index]).clone();
                     agent.intent = *vote;
+                    if !self.0.cfg.prepare_step {
+                        agent.participants = participants(self.0.cfg.agents);
+                        let msgs = participant::vote(
+                            txn(),
+                            AGENTS[i],
+                            *vote,
+                            &agent.participants,
+                            REPLICAS,
+                        );
+                        let envelopes = msgs.into_iter().map(|(r, m)| Envelope {
+                            src: agent_actor(i),
+                            dst: Id::from(r as usize),
+                            msg: Wire::Core(Shared::new(m)),
+                        });
+                        match &mut s.network {
+                            Network::UnorderedDuplicating(set, _) => set.extend(envelopes),
+                            Network::UnorderedNonDuplicating(multiset) => {
+                                for e in envelopes {
+                                    *multiset.entry(e).or_default() += 1;
+                                }
+                            }
+                            Network::Ordered(_) => unreachable!("unordered networks only"),
+                        }
+                        if self.0.cfg.asks && *vote == Vote::Prepared {
+                            s.timers_set[index].set(Timer::AskOutcome);
+                        }
+                    }
                     s.actor_states[index] = Arc::new(State::Agent(agent));
                 }
                 out.push(normalise(s));
@@ -603,7 +765,8 @@ impl Model for PaxosCommitModel {
                 "an announced decision is the one the chosen values imply",
                 |_, s: &SysState| {
                     let chosen = chosen(s);
-                    let all_prepared = AGENTS.iter().all(|a| {
+                    let n = s.actor_states.len() - REPLICAS as usize;
+                    let all_prepared = AGENTS[..n].iter().all(|a| {
                         chosen
                             .get(*a)
                             .is_some_and(|vs| vs.contains(&Vote::Prepared))
@@ -662,7 +825,20 @@ fn threads() -> usize {
 
 fn check(cfg: Cfg) -> impl Checker<PaxosCommitModel> {
     let start = Instant::now();
-    let checker = model(cfg).checker().threads(threads()).spawn_bfs().join();
+    let checker = model(cfg).checker().threads(threads()).spawn_bfs();
+    let mut last = Instant::now();
+    while !checker.is_done() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if last.elapsed().as_secs() >= 15 {
+            last = Instant::now();
+            println!(
+                "  ... {} unique states after {:.0?}",
+                checker.unique_state_count(),
+                start.elapsed()
+            );
+        }
+    }
+    let checker = checker.join();
     println!(
         "{cfg:?}\n  {} unique states ({} generated, max depth {}) in {:.1?}",
         checker.unique_state_count(),
@@ -678,27 +854,24 @@ const BOTH_WAYS: &[[Vote; 2]] = &[
     [Vote::Prepared, Vote::Aborted],
 ];
 
-/// Any configuration, from the environment (for exploring bounds), e.g.
-/// `PXC_ROUNDS=2 PXC_CRASHES=1 cargo test -p paxos-commit-core --test model -- --ignored
-/// --nocapture explore`.
-#[test]
-#[ignore]
-fn explore() {
+fn env_cfg() -> Cfg {
     let var = |k: &str, d: usize| {
         std::env::var(k)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let cfg = Cfg {
+    Cfg {
         max_rounds: var("PXC_ROUNDS", 2),
         proposers: var("PXC_PROPOSERS", 7) as u32,
         max_crashes: var("PXC_CRASHES", 1),
         lossy: var("PXC_LOSSY", 0) == 1,
         duplicating: var("PXC_DUP", 1) == 1,
+        prepare_step: var("PXC_PREPARE", 0) == 1,
         lazy_survives: var("PXC_LAZY", 0) == 1,
         asks: var("PXC_ASKS", 1) == 1,
         finishing: var("PXC_FINISHING", 0) == 1,
+        agents: var("PXC_AGENTS", 2),
         votes: if var("PXC_PA", 1) == 1 {
             BOTH_WAYS
         } else {
@@ -709,6 +882,21 @@ fn explore() {
         } else {
             Bug::None
         },
+    }
+}
+
+/// Any configuration, from the environment (for exploring bounds), e.g.
+/// `PXC_ROUNDS=2 PXC_CRASHES=1 cargo test -p paxos-commit-core --test model -- --ignored
+/// --nocapture explore`.
+#[test]
+#[ignore]
+fn explore() {
+    let cfg = env_cfg();
+    let var = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
     };
     let depth = var("PXC_DEPTH", 0);
     if depth > 0 {
@@ -740,9 +928,11 @@ fn forgetting_promises_is_caught() {
         max_crashes: 1,
         lossy: false,
         duplicating: true,
+        prepare_step: false,
         lazy_survives: false,
         asks: false,
         finishing: false,
+        agents: 2,
         votes: &[[Vote::Prepared, Vote::Prepared]],
         bug: Bug::ForgetPromises,
     };
@@ -781,18 +971,7 @@ fn forgetting_promises_is_caught() {
 #[test]
 #[ignore]
 fn debug_growth() {
-    let cfg = Cfg {
-        max_rounds: 1,
-        proposers: 0b111,
-        max_crashes: 0,
-        lossy: false,
-        duplicating: true,
-        lazy_survives: false,
-        asks: false,
-        finishing: false,
-        votes: &[[Vote::Prepared, Vote::Prepared]],
-        bug: Bug::None,
-    };
+    let cfg = env_cfg();
     struct Dbg(PaxosCommitModel);
     impl Model for Dbg {
         type State = SysState;
@@ -824,7 +1003,7 @@ fn debug_growth() {
     let c = Dbg(model(cfg))
         .checker()
         .threads(1)
-        .target_max_depth(13)
+        .target_max_depth(17)
         .visitor(
             move |p: stateright::Path<SysState, <Sys as Model>::Action>| {
                 let actions = p.clone().into_actions();
