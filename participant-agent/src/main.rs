@@ -26,10 +26,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match paxos_commit_proto::server_runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("participant-agent: cannot start the runtime: {e}");
