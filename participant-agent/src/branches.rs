@@ -179,20 +179,26 @@ impl Branches {
             .clone();
         let mut state = branch.state.lock().await;
         if matches!(*state, State::New) {
-            match self.begin(txn).await {
-                Ok(conn) => {
+            branch.touch();
+            return match self.begin(txn, sql, params).await {
+                Ok((conn, first)) => {
+                    let failed = match &first {
+                        Err(e) if e.aborts_branch() => Some(e.to_string()),
+                        _ => None,
+                    };
                     *state = State::Open {
                         conn: Box::new(conn),
-                        failed: None,
-                    }
+                        failed,
+                    };
+                    first
                 }
                 Err(e) => {
                     *state = State::Done(Outcome::Aborted);
                     drop(state);
                     self.remove(txn);
-                    return Err(e);
+                    Err(e)
                 }
-            }
+            };
         }
         let State::Open { conn, failed } = &mut *state else {
             return Err(AgentError::Closed {
@@ -218,20 +224,36 @@ impl Branches {
         }
     }
 
-    /// Opens the PostgreSQL transaction while the enlistment is in flight: one round trip
-    /// to the leader is hidden behind the database's BEGIN.
-    async fn begin(&self, txn: TxnId) -> Result<Object, AgentError> {
+    /// Opens the PostgreSQL transaction and runs the branch's first statement while the
+    /// enlistment is in flight. BEGIN and the statement are pipelined on the connection
+    /// (tokio-postgres sends requests in the order they are first polled, here in one
+    /// write), so the first statement costs one database round trip, and the round trip to
+    /// the leader hides behind it. The statement's own result (which may be an error that
+    /// fails the branch) comes back beside the connection.
+    async fn begin(
+        &self,
+        txn: TxnId,
+        sql: &str,
+        params: &[pb::Value],
+    ) -> Result<(Object, Result<pb::ExecuteResponse, AgentError>), AgentError> {
         let open = async {
             let conn = self.pool.get().await.map_err(AgentError::pool)?;
-            conn.batch_execute(&self.begin_sql)
-                .await
-                .map_err(AgentError::sql)?;
-            Ok::<_, AgentError>(conn)
+            let (begun, first) =
+                tokio::join!(conn.batch_execute(&self.begin_sql), run(&conn, sql, params));
+            match begun {
+                Ok(()) => Ok::<_, AgentError>((conn, first)),
+                Err(e) => {
+                    // Whatever the statement did, it did outside our transaction or on a
+                    // broken connection: this connection does not go back to the pool.
+                    drop(Object::take(conn));
+                    Err(AgentError::sql(e))
+                }
+            }
         };
-        let (enlisted, conn) = tokio::join!(self.coordinators.enlist(txn), open);
-        match (enlisted, conn) {
-            (Ok(()), conn) => conn,
-            (Err(status), Ok(conn)) => {
+        let (enlisted, opened) = tokio::join!(self.coordinators.enlist(txn), open);
+        match (enlisted, opened) {
+            (Ok(()), opened) => opened,
+            (Err(status), Ok((conn, _))) => {
                 // Never hand a connection with an open transaction back to the pool.
                 if conn.batch_execute("ROLLBACK").await.is_err() {
                     drop(Object::take(conn));
