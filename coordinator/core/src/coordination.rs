@@ -61,6 +61,14 @@ impl Coordination {
         }
     }
 
+    /// The decision is known: the votes that led to it no longer matter.
+    pub fn settle(&mut self, outcome: Outcome) {
+        self.phase = Phase::Decided(outcome);
+        self.promises = None;
+        self.tally.clear();
+        self.chosen.clear();
+    }
+
     pub fn participant_list(&self) -> Vec<Participant> {
         self.participants.values().cloned().collect()
     }

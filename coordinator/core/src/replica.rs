@@ -488,8 +488,7 @@ impl Replica {
                                 reason: String::new(),
                             });
                         }
-                        c.phase = Phase::Decided(outcome);
-                        c.promises = None;
+                        c.settle(outcome);
                         c.finished = true;
                         c.applied.extend(c.participants.keys().cloned());
                         self.out.push(Output::Finished { txn, outcome });
@@ -741,8 +740,7 @@ impl Replica {
         }
         let was_open = coord.phase == Phase::Open;
         coord.local_only = was_open;
-        coord.phase = Phase::Decided(outcome);
-        coord.promises = None;
+        coord.settle(outcome);
         coord.reason = reason.clone();
         let participants = coord.participant_list();
         self.out.push(Output::Decided {
@@ -780,7 +778,7 @@ impl Replica {
             .coordination
             .entry(txn)
             .or_insert_with(|| Coordination::new(Phase::Decided(outcome), now));
-        coord.phase = Phase::Decided(outcome);
+        coord.settle(outcome);
         coord.learn_participants(&acc_participants);
         let pending: Vec<Participant> = coord
             .participants
@@ -830,8 +828,7 @@ impl Replica {
             decided_here = matches!(coord.phase, Phase::Decided(_));
             if !decided_here {
                 learned = true;
-                coord.phase = Phase::Decided(outcome);
-                coord.promises = None;
+                coord.settle(outcome);
                 self.out.push(Output::Decided {
                     txn,
                     outcome,

@@ -1,25 +1,27 @@
 //! Model check of the real `Replica` code with stateright.
 //!
 //! Actors: three coordinator replicas (every one an acceptor; replica 0 leads the one
-//! transaction: begun, enlisted and committed in its `on_start`, so its Prepare messages are
-//! in flight from the start) and two participant agents. On Prepare an agent sends its
-//! ballot-0 phase 2a to every acceptor with `participant::vote`. Which value it sends is fixed
-//! per initial state and the checker starts from every combination in `Cfg::votes` (both
-//! Prepared; one Prepared, one Aborted; ...), so one run covers commits and aborts. An agent
-//! whose Prepare is never delivered never votes. With `asks`, a prepared agent may ask one
-//! replica for the outcome (`Replica::resolve` with R); with `finishing`, agents apply and
-//! confirm every Decide (`on_applied`), so that replicas finish, tell each other and forget.
+//! transaction: begun, enlisted and committed in its `on_start`) and two participant agents.
+//! Each agent's ballot-0 phase 2a (`participant::vote`, carrying R) is in flight to every
+//! acceptor from the start (with `prepare_step`, only once Prepare is delivered). Its value is
+//! fixed per initial state and the checker starts from every combination in `Cfg::votes`
+//! (both Prepared; one Prepared, one Aborted), so one run covers commits and aborts. With
+//! `asks`, a prepared agent may ask one replica for the outcome (`Replica::resolve` with R);
+//! with `finishing`, agents apply and confirm every Decide (`on_applied`), so that replicas
+//! finish, tell each other and forget.
 //!
 //! Faults: the network reorders and duplicates (every message sent stays deliverable, so
-//! "never delivered" is loss) and, with `lossy`, also drops; up to `max_crashes` replicas are
-//! down at a time, any number of times, and a replica restarts with `Replica::recover` from
-//! exactly its `Persist` records, saved with `o.save` after each step (`PersistLazy` hints are
-//! lost, or with `lazy_survives` kept). Agents do not crash: a restarted agent re-sends the
-//! same vote and asks, which the model already does. Each replica's per-transaction timer
-//! (`armed()`) is a stateright timer that may fire at any moment, so `now` stays constant.
+//! "never delivered" is loss) and, with `lossy`, also drops; up to `max_crashes` of the
+//! `crashable` replicas are down at a time, and a replica restarts (at most `max_restarts`
+//! times over all, if bounded) with `Replica::recover` from exactly its `Persist` records,
+//! saved with `o.save` after each step (`PersistLazy` hints are lost, or with `lazy_survives`
+//! kept). Agents do not crash: a restarted agent only asks, which `asks` covers. Each
+//! replica's per-transaction timer (`armed()`) is a stateright timer that may fire at any
+//! moment, so `now` stays constant, and states that differ only by timer deadlines or the
+//! back-off generator are one (`Replica::hash_protocol_state`).
 //!
-//! Bound: phase-1 rounds started over all replicas (each start persists a new `Record::Round`,
-//! so it is counted from the durable records) — `max_rounds` takeover ballots.
+//! Bound: phase-1 rounds started over all replicas, by the `proposers` only (each start
+//! persists a new `Record::Round`, so it is counted from the durable records).
 //!
 //! Properties, over the replicas' durable records and a history of every decision announced
 //! (each Decide sent to an agent and each Decided sent to a replica, recorded when sent):
@@ -30,6 +32,13 @@
 //! * an announced decision is the one the chosen values imply; only one is ever announced;
 //! * sometimes a commit, an abort, a commit and an abort reached through a takeover (and with
 //!   `finishing`, a replica that forgot the finished transaction): the model is not vacuous.
+//!
+//! CI runs `exhaustive_takeover_and_leader_crash` (2 416 404 states, about 2–3 minutes on two
+//! cores) and the mutation test `forgetting_promises_is_caught`; `explore` takes any bounds
+//! from `PXC_*` variables.
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use paxos_commit_core::participant;
 use paxos_commit_core::{
@@ -195,10 +204,19 @@ fn durable_of(records: BTreeSet<Record>) -> Durable {
     }
 }
 
+/// What survives a crash: the records, and how often this replica restarted (bounded by
+/// `Cfg::max_restarts`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Stored {
+    records: Durable,
+    restarts: u8,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ReplicaState {
     replica: Replica,
     durable: Durable,
+    restarts: u8,
     /// `Replica::hash_protocol_state`: without timer deadlines and the back-off RNG. Time
     /// never advances in the model and any armed timer may fire, so those cannot change what
     /// happens, and states that differ only by them are one.
@@ -209,6 +227,7 @@ impl Hash for ReplicaState {
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(self.fp);
         self.durable.hash(state);
+        self.restarts.hash(state);
     }
 }
 
@@ -218,11 +237,12 @@ fn replica_fp(replica: &Replica) -> u64 {
     h.finish()
 }
 
-fn replica_state(replica: Replica, durable: Durable) -> ReplicaState {
+fn replica_state(replica: Replica, durable: Durable, restarts: u8) -> ReplicaState {
     ReplicaState {
         fp: replica_fp(&replica),
         replica,
         durable,
+        restarts,
     }
 }
 
@@ -268,8 +288,13 @@ struct Cfg {
     max_rounds: usize,
     /// The replicas allowed to start a phase 1 (bit i: replica i).
     proposers: u32,
-    /// Replicas down at the same time (any number of crash/recover cycles).
+    /// Replicas down at the same time.
     max_crashes: usize,
+    /// The replicas that may crash (bit i: replica i).
+    crashable: u32,
+    /// Restarts over all replicas (crash/recover cycles), if bounded; a crash needs no
+    /// restart.
+    max_restarts: Option<usize>,
     /// Drop actions on top of never delivering: more states, no new behaviour.
     lossy: bool,
     /// Every message stays deliverable after delivery (stateright's duplicating network);
@@ -312,6 +337,13 @@ fn agent_of(state: &State) -> &AgentState {
     match state {
         State::Agent(a) => a,
         State::Replica(_) => unreachable!("an agent's state"),
+    }
+}
+
+fn stored(st: &ReplicaState) -> Stored {
+    Stored {
+        records: st.durable.clone(),
+        restarts: st.restarts,
     }
 }
 
@@ -366,7 +398,7 @@ fn replica_step(
         return; // a no-op (typically a duplicate)
     }
     if emit(&mut next, outputs, cfg, o) {
-        o.save(next.durable.clone());
+        o.save(stored(&next));
     }
     let changed = next.replica != current.replica || next.durable != current.durable;
     if changed {
@@ -388,10 +420,10 @@ impl Actor for Node {
     type Msg = Wire;
     type Timer = Timer;
     type State = State;
-    type Storage = Durable;
+    type Storage = Stored;
     type Random = ();
 
-    fn on_start(&self, id: Id, storage: &Option<Durable>, o: &mut Out<Self>) -> State {
+    fn on_start(&self, id: Id, storage: &Option<Stored>, o: &mut Out<Self>) -> State {
         let Node::Replica(cfg) = self else {
             // The intent is set per initial state by `PaxosCommitModel::init_states`.
             return State::Agent(AgentState {
@@ -415,10 +447,11 @@ impl Actor for Node {
                     assert_eq!(replica.commit(NOW, t), Ok(None));
                 }
                 // Saved even empty: a restart is then told apart from the first start.
-                o.save(durable_of(BTreeSet::new()));
-                replica_state(replica, durable_of(BTreeSet::new()))
+                let st = replica_state(replica, durable_of(BTreeSet::new()), 0);
+                o.save(stored(&st));
+                st
             }
-            Some(records) => {
+            Some(Stored { records, restarts }) => {
                 let replay: Vec<Record> = records
                     .iter()
                     .filter(|r| {
@@ -426,10 +459,15 @@ impl Actor for Node {
                     })
                     .cloned()
                     .collect();
-                replica_state(
+                let st = replica_state(
                     Replica::recover(config(rid), seed(rid), &replay, NOW),
                     records.clone(),
-                )
+                    // Counted only when bounded: a counter would tell apart states that
+                    // are otherwise one.
+                    restarts + u8::from(cfg.max_restarts.is_some()),
+                );
+                o.save(stored(&st));
+                st
             }
         };
         let outputs = st.replica.drain();
@@ -444,13 +482,6 @@ impl Actor for Node {
         match self {
             Node::Replica(cfg) => {
                 let t = txn();
-                if !cfg.finishing && std::env::var("PXC_NODECIDED").is_ok() {
-                    if let Wire::Core(m) = &msg {
-                        if matches!(**m, Msg::Decided { .. }) {
-                            return;
-                        }
-                    }
-                }
                 replica_step(cfg, state, o, None, |replica| match msg {
                     Wire::Core(m) => {
                         replica.on_message(NOW, usize::from(src) as ReplicaId, (*m).clone())
@@ -593,7 +624,16 @@ fn durable(state: &SysState) -> impl Iterator<Item = (usize, &Durable)> {
         .actor_storages
         .iter()
         .enumerate()
-        .filter_map(|(i, s)| s.as_ref().map(|records| (i, records)))
+        .filter_map(|(i, s)| s.as_ref().map(|s| (i, &s.records)))
+}
+
+fn restarts(state: &SysState) -> usize {
+    state
+        .actor_storages
+        .iter()
+        .flatten()
+        .map(|s| usize::from(s.restarts))
+        .sum()
 }
 
 /// Instance → values chosen (accepted by a majority in one ballot), from the durable records.
@@ -653,11 +693,16 @@ fn actor_model(cfg: Cfg) -> Sys {
         .record_msg_out(record_out)
         .within_boundary(|cfg, state| {
             rounds_started(state) <= cfg.max_rounds
+                && cfg.max_restarts.is_none_or(|max| restarts(state) <= max)
                 && durable(state).all(|(i, records)| {
                     cfg.proposers & (1 << i) != 0
                         || !records.iter().any(|r| matches!(r, Record::Round { .. }))
                 })
-                && !state.crashed[REPLICAS as usize..].iter().any(|c| *c)
+                && state
+                    .crashed
+                    .iter()
+                    .enumerate()
+                    .all(|(i, c)| !c || cfg.crashable & (1 << i) != 0)
         })
 }
 
@@ -865,6 +910,10 @@ fn env_cfg() -> Cfg {
         max_rounds: var("PXC_ROUNDS", 2),
         proposers: var("PXC_PROPOSERS", 7) as u32,
         max_crashes: var("PXC_CRASHES", 1),
+        crashable: var("PXC_CRASHABLE", 0b111) as u32,
+        max_restarts: std::env::var("PXC_RESTARTS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         lossy: var("PXC_LOSSY", 0) == 1,
         duplicating: var("PXC_DUP", 1) == 1,
         prepare_step: var("PXC_PREPARE", 0) == 1,
@@ -919,6 +968,36 @@ fn explore() {
     check(cfg).assert_properties();
 }
 
+/// The exhaustive check CI runs (a few minutes on 2 cores): 2 participants × 3 acceptors;
+/// both agents Prepared, or one Prepared and one Aborted; ballot 0 plus one takeover ballot
+/// (replica 1's); the leader (replica 0, also an acceptor) crashes at any moment and restarts
+/// once from its `Persist` records; every message may be reordered, duplicated or never
+/// delivered. Every state in those bounds is visited and every property holds.
+#[test]
+fn exhaustive_takeover_and_leader_crash() {
+    let checker = check(Cfg {
+        max_rounds: 1,
+        proposers: 0b010,
+        max_crashes: 1,
+        crashable: 0b001,
+        max_restarts: Some(1),
+        lossy: false,
+        duplicating: true,
+        prepare_step: false,
+        lazy_survives: false,
+        asks: false,
+        finishing: false,
+        agents: 2,
+        votes: BOTH_WAYS,
+        bug: Bug::None,
+    });
+    checker.assert_properties();
+    assert!(
+        checker.unique_state_count() > 1_000_000,
+        "bounds too small to mean much"
+    );
+}
+
 /// The checker finds the violation an acceptor that forgets its promises causes.
 #[test]
 fn forgetting_promises_is_caught() {
@@ -926,6 +1005,8 @@ fn forgetting_promises_is_caught() {
         max_rounds: 1,
         proposers: 0b111,
         max_crashes: 1,
+        crashable: 0b111,
+        max_restarts: None,
         lossy: false,
         duplicating: true,
         prepare_step: false,
@@ -1025,4 +1106,46 @@ fn debug_growth() {
         .spawn_bfs()
         .join();
     let _ = c;
+}
+
+/// How many distinct local states each actor has over the explored space (bounds tuning).
+#[test]
+#[ignore]
+fn census() {
+    use std::sync::Mutex;
+    let cfg = env_cfg();
+    let seen: Arc<Mutex<Vec<BTreeMap<u64, String>>>> = Arc::new(Mutex::new(vec![
+        BTreeMap::new();
+        REPLICAS as usize
+            + cfg.agents
+    ]));
+    let nets: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let (s2, n2) = (seen.clone(), nets.clone());
+    let c = model(cfg)
+        .checker()
+        .threads(threads())
+        .visitor(
+            move |p: stateright::Path<SysState, <Sys as Model>::Action>| {
+                let last = p.last_state();
+                let mut seen = s2.lock().expect("lock");
+                for (i, a) in last.actor_states.iter().enumerate() {
+                    seen[i]
+                        .entry(hash_of(&**a))
+                        .or_insert_with(|| format!("{a:?}"));
+                }
+                n2.lock().expect("lock").insert(hash_of(&last.network));
+            },
+        )
+        .spawn_bfs()
+        .join();
+    println!("{} unique", c.unique_state_count());
+    for (i, s) in seen.lock().expect("lock").iter().enumerate() {
+        println!("actor {i}: {} local states", s.len());
+    }
+    println!("networks: {}", nets.lock().expect("lock").len());
+    if std::env::var("PXC_DUMP").is_ok() {
+        for s in seen.lock().expect("lock")[0].values().take(40) {
+            println!("{s}\n");
+        }
+    }
 }
