@@ -5,15 +5,22 @@
 //! core's contract demands: all records of the batch go to the log in one append and one
 //! fsync (group commit), and only then do messages leave and clients hear of decisions.
 //! Commands that arrive during the fsync form the next batch.
+//!
+//! One more wait for a fuller batch: the participants of a transaction vote at about the same
+//! time, and its decision needs every one of their votes. When the next batch holds a ballot-0
+//! Prepared acceptance whose transaction still has votes to come, its fsync waits (at most
+//! [`VOTE_HOLD`]) for them, so that one fsync covers the whole transaction instead of the
+//! later votes queueing behind the first one's fsync. Nothing is released earlier for it: it
+//! only delays the start of a write.
 
 use crate::log::{DurableLog, LogError};
 use crate::peers::Peers;
 use paxos_commit_core::{
     LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats, TxnError,
-    TxnId,
+    TxnId, Vote,
 };
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 /// A decision and why.
@@ -135,10 +142,30 @@ pub struct Driver {
     decided: HashMap<TxnId, Decision>,
     rx: mpsc::UnboundedReceiver<Command>,
     counters: Counters,
+    votes: HashMap<TxnId, VoteTally>,
 }
 
 /// Compact the log once this many records were appended since the last rewrite.
 const COMPACT_AFTER: u64 = 200_000;
+
+/// Longest an fsync waits for the rest of a transaction's votes (see the module docs). The
+/// decision needs those votes anyway, so the wait costs nothing unless one comes later than
+/// this; then it costs at most this plus one fsync.
+const VOTE_HOLD: Duration = Duration::from_millis(1);
+
+/// How long a transaction's vote tally is kept after its acceptances went to disk, so that a
+/// late vote does not start a new wait.
+const VOTE_TALLY_KEEP: Duration = Duration::from_secs(10);
+
+/// Ballot-0 acceptances of one transaction seen by this replica's acceptor.
+struct VoteTally {
+    seen: usize,
+    /// |R|, or 0 once nothing is worth waiting for (an Aborted vote decides alone).
+    expected: usize,
+    first: Instant,
+    /// Some of its acceptances were already submitted to the log: never wait for it again.
+    flushed: bool,
+}
 
 impl Driver {
     pub fn new(
@@ -163,6 +190,7 @@ impl Driver {
             decided: HashMap::new(),
             rx,
             counters: Counters::default(),
+            votes: HashMap::new(),
         }
     }
 
@@ -179,14 +207,19 @@ impl Driver {
     pub async fn run(mut self) {
         loop {
             self.collect();
-            self.submit();
-            let sleep = match self.core.next_deadline() {
-                Some(at) => {
-                    let wait = at.saturating_sub(self.now());
-                    tokio::time::sleep(std::time::Duration::from_millis(wait))
-                }
-                None => tokio::time::sleep(std::time::Duration::from_secs(3600)),
-            };
+            let hold = self.vote_hold();
+            if hold.is_none() {
+                self.submit();
+            }
+            let mut wake = tokio::time::Instant::now()
+                + match self.core.next_deadline() {
+                    Some(at) => Duration::from_millis(at.saturating_sub(self.now())),
+                    None => Duration::from_secs(3600),
+                };
+            if let Some(hold) = hold {
+                wake = wake.min(tokio::time::Instant::from_std(hold));
+            }
+            let sleep = tokio::time::sleep_until(wake);
             tokio::select! {
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -317,6 +350,25 @@ impl Driver {
         for o in self.core.drain() {
             match o {
                 Output::Persist(r) => {
+                    if let Record::Accept {
+                        txn,
+                        ballot: 0,
+                        vote,
+                        participants,
+                        ..
+                    } = &r
+                    {
+                        let tally = self.votes.entry(*txn).or_insert_with(|| VoteTally {
+                            seen: 0,
+                            expected: participants.len(),
+                            first: Instant::now(),
+                            flushed: false,
+                        });
+                        tally.seen += 1;
+                        if *vote == Vote::Aborted {
+                            tally.expected = 0;
+                        }
+                    }
                     self.next_records.push(r);
                     self.next_sync = true;
                 }
@@ -324,6 +376,21 @@ impl Driver {
                 other => self.next_outputs.push(Held::Out(other)),
             }
         }
+    }
+
+    /// Until when the next batch's fsync waits for more votes of its transactions: `None`
+    /// when it need not (or cannot start anyway).
+    fn vote_hold(&self) -> Option<Instant> {
+        if self.in_flight.is_some() || !self.next_sync || self.next_records.len() >= 1024 {
+            return None;
+        }
+        let now = Instant::now();
+        self.votes
+            .values()
+            .filter(|t| !t.flushed && t.seen < t.expected)
+            .map(|t| t.first + VOTE_HOLD)
+            .filter(|until| *until > now)
+            .min()
     }
 
     /// Starts writing the next batch if the log is free. Outputs that need no new durable
@@ -341,6 +408,11 @@ impl Driver {
         let Some(mut log) = self.log.take() else {
             return;
         };
+        // Every tally with acceptances in this batch is done waiting.
+        self.votes.retain(|_, t| {
+            t.flushed = true;
+            t.seen < t.expected && t.first.elapsed() < VOTE_TALLY_KEEP
+        });
         let records = std::mem::take(&mut self.next_records);
         self.next_sync = false;
         self.held = std::mem::take(&mut self.next_outputs);
