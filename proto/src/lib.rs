@@ -35,6 +35,49 @@ pub fn server_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// The life of a server binary (coordinator replica, participant agent): logging to stderr
+/// (`RUST_LOG`, default info), its configuration or the usage error that exits with 2, the
+/// runtime, serving until Ctrl-C or SIGTERM, and the exit code.
+pub fn run_server<C, E, S, Fut, SE>(
+    name: &str,
+    config: Result<C, E>,
+    serve: S,
+) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    S: FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), SE>>,
+    SE: std::fmt::Display,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match server_runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cfg, Box::pin(shutdown_signal()))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM: how every server of the project is told to stop.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
