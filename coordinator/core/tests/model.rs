@@ -899,13 +899,15 @@ const BOTH_WAYS: &[[Vote; 2]] = &[
     [Vote::Prepared, Vote::Aborted],
 ];
 
+/// A bound from the environment (`PXC_*`), or its default.
+fn var(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn env_cfg() -> Cfg {
-    let var = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
     Cfg {
         max_rounds: var("PXC_ROUNDS", 2),
         proposers: var("PXC_PROPOSERS", 7) as u32,
@@ -941,12 +943,6 @@ fn env_cfg() -> Cfg {
 #[ignore]
 fn explore() {
     let cfg = env_cfg();
-    let var = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
     let depth = var("PXC_DEPTH", 0);
     if depth > 0 {
         for d in 1..=depth {
@@ -975,7 +971,17 @@ fn explore() {
 /// delivered. Every state in those bounds is visited and every property holds.
 #[test]
 fn exhaustive_takeover_and_leader_crash() {
-    let checker = check(Cfg {
+    let checker = check(ci_bounds());
+    checker.assert_properties();
+    assert!(
+        checker.unique_state_count() > 1_000_000,
+        "bounds too small to mean much"
+    );
+}
+
+/// The bounds of the exhaustive run in CI.
+fn ci_bounds() -> Cfg {
+    Cfg {
         max_rounds: 1,
         proposers: 0b010,
         max_crashes: 1,
@@ -990,32 +996,19 @@ fn exhaustive_takeover_and_leader_crash() {
         agents: 2,
         votes: BOTH_WAYS,
         bug: Bug::None,
-    });
-    checker.assert_properties();
-    assert!(
-        checker.unique_state_count() > 1_000_000,
-        "bounds too small to mean much"
-    );
+    }
 }
 
 /// The checker finds the violation an acceptor that forgets its promises causes.
 #[test]
 fn forgetting_promises_is_caught() {
     let cfg = Cfg {
-        max_rounds: 1,
         proposers: 0b111,
-        max_crashes: 1,
         crashable: 0b111,
         max_restarts: None,
-        lossy: false,
-        duplicating: true,
-        prepare_step: false,
-        lazy_survives: false,
-        asks: false,
-        finishing: false,
-        agents: 2,
         votes: &[[Vote::Prepared, Vote::Prepared]],
         bug: Bug::ForgetPromises,
+        ..ci_bounds()
     };
     let start = Instant::now();
     let checker = model(cfg)
@@ -1047,65 +1040,6 @@ fn forgetting_promises_is_caught() {
     for action in path.into_actions() {
         println!("  {action:?}");
     }
-}
-
-#[test]
-#[ignore]
-fn debug_growth() {
-    let cfg = env_cfg();
-    struct Dbg(PaxosCommitModel);
-    impl Model for Dbg {
-        type State = SysState;
-        type Action = <Sys as Model>::Action;
-        fn init_states(&self) -> Vec<SysState> {
-            self.0.init_states()
-        }
-        fn actions(&self, s: &SysState, a: &mut Vec<Self::Action>) {
-            self.0.actions(s, a)
-        }
-        fn next_state(&self, s: &SysState, a: Self::Action) -> Option<SysState> {
-            self.0.next_state(s, a)
-        }
-        fn within_boundary(&self, s: &SysState) -> bool {
-            self.0.within_boundary(s)
-        }
-        fn properties(&self) -> Vec<Property<Self>> {
-            vec![Property::sometimes("big", |_, s: &SysState| {
-                s.network.len() > 40
-            })]
-        }
-    }
-    let n: usize = std::env::var("PXC_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
-    let _ = n;
-    let count = std::sync::atomic::AtomicUsize::new(0);
-    let c = Dbg(model(cfg))
-        .checker()
-        .threads(1)
-        .target_max_depth(17)
-        .visitor(
-            move |p: stateright::Path<SysState, <Sys as Model>::Action>| {
-                let actions = p.clone().into_actions();
-                if actions.len() >= 11 {
-                    let k = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if k % 40000 == 7 {
-                        println!("---- path");
-                        let last = p.last_state().clone();
-                        for a in actions {
-                            println!("  {a:?}");
-                        }
-                        for s in &last.actor_states {
-                            println!("  STATE {s:?}");
-                        }
-                    }
-                }
-            },
-        )
-        .spawn_bfs()
-        .join();
-    let _ = c;
 }
 
 /// How many distinct local states each actor has over the explored space (bounds tuning).
