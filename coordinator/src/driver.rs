@@ -44,10 +44,10 @@ pub enum Command {
         timeout_ms: u64,
         reply: oneshot::Sender<(TxnId, u64)>,
     },
+    /// An agent joins `txn`; the answer goes back to it as an `Enlisted` message.
     Enlist {
         txn: TxnId,
         participant: Participant,
-        reply: oneshot::Sender<Result<(), TxnError>>,
     },
     Commit {
         txn: TxnId,
@@ -266,12 +266,15 @@ impl Driver {
                     .map_or(0, |d| d.as_millis() as u64);
                 let _ = reply.send((txn, unix + deadline_ms));
             }
-            Command::Enlist {
-                txn,
-                participant,
-                reply,
-            } => {
-                let _ = reply.send(self.core.enlist(now, txn, participant));
+            Command::Enlist { txn, participant } => {
+                let (code, message) = match self.core.enlist(now, txn, participant.clone()) {
+                    Ok(()) => (0, String::new()),
+                    Err(e) => {
+                        let status = tonic::Status::from(crate::error::CoordinatorError::from(e));
+                        (status.code() as i32, status.message().to_string())
+                    }
+                };
+                self.peers.enlisted(&participant, txn, code, message);
             }
             Command::Commit { txn, until, reply } => {
                 paxos_commit_proto::crash_point("coordinator-before-prepare");

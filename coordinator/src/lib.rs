@@ -56,7 +56,7 @@ pub async fn serve(
         "recovered the acceptor log"
     );
     let (tx, rx) = mpsc::unbounded_channel();
-    let peers = Peers::start(cfg.id, &cfg.replicas, tx.clone())
+    let peers = Peers::start(cfg.id, &cfg.replicas)
         .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
     let cfg = Arc::new(cfg);
     let handle = Handle::new(cfg.clone(), tx)?;

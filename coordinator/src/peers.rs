@@ -5,25 +5,23 @@
 //! in batches over one long-lived stream. Delivery is best effort: Paxos tolerates loss, and
 //! the core's timers retry what matters.
 
-use crate::driver::Command;
-use paxos_commit_core::{Dest, Msg, ReplicaId};
+use paxos_commit_core::{Dest, Msg, Participant, ReplicaId, TxnId};
 use paxos_commit_proto::client::lazy_channel;
-use paxos_commit_proto::convert::{outcome_to_pb, participants_to_pb};
+use paxos_commit_proto::convert::{enlisted_to_pb, msg_to_pb};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::agent_client::AgentClient;
 use paxos_commit_proto::sender;
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
-const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+type Link = mpsc::UnboundedSender<pb::PaxosMessage>;
 
 pub struct Peers {
-    replicas: Vec<Option<mpsc::UnboundedSender<Msg>>>,
-    agents: HashMap<String, AgentClient<Channel>>,
-    commands: mpsc::UnboundedSender<Command>,
+    me: ReplicaId,
+    replicas: Vec<Option<Link>>,
+    /// By address: every transaction with that agent shares its stream.
+    agents: HashMap<String, Link>,
     /// Messages sent, by kind (the protocol-cost figures).
     pub sent: BTreeMap<&'static str, u64>,
 }
@@ -43,11 +41,10 @@ pub fn kind(msg: &Msg) -> &'static str {
 }
 
 impl Peers {
-    /// Starts one sender task per other replica.
+    /// Starts one sender task per other replica; agents get theirs when first addressed.
     pub fn start(
         me: ReplicaId,
         replicas: &[String],
-        commands: mpsc::UnboundedSender<Command>,
     ) -> Result<Peers, paxos_commit_proto::client::ClientError> {
         let mut senders = Vec::with_capacity(replicas.len());
         for (i, address) in replicas.iter().enumerate() {
@@ -57,76 +54,47 @@ impl Peers {
             }
             // No per-call timeout: the channel carries one long-lived stream.
             let client = AcceptorClient::new(lazy_channel(address, None)?);
-            senders.push(Some(sender::spawn(me, client)));
+            senders.push(Some(sender::to_replica(client)));
         }
         Ok(Peers {
+            me,
             replicas: senders,
             agents: HashMap::new(),
-            commands,
             sent: BTreeMap::new(),
         })
     }
 
     pub fn send(&mut self, to: Dest, msg: Msg) {
         *self.sent.entry(kind(&msg)).or_default() += 1;
+        let wire = msg_to_pb(self.me, &msg);
         match to {
             Dest::Replica(r) => {
                 if let Some(Some(tx)) = self.replicas.get(r as usize) {
-                    let _ = tx.send(msg);
+                    let _ = tx.send(wire);
                 }
             }
-            Dest::Agent(p) => {
-                let agent = match self.agents.get(&p.address) {
-                    Some(a) => a.clone(),
-                    None => match lazy_channel(&p.address, Some(RPC_TIMEOUT)) {
-                        Ok(ch) => {
-                            let a = AgentClient::new(ch);
-                            self.agents.insert(p.address.clone(), a.clone());
-                            a
-                        }
-                        Err(e) => {
-                            tracing::warn!(participant = %p.id, "cannot reach agent: {e}");
-                            return;
-                        }
-                    },
-                };
-                tokio::spawn(to_agent(agent, p.id, msg, self.commands.clone()));
-            }
+            Dest::Agent(p) => self.send_to_agent(&p, wire),
         }
     }
-}
 
-async fn to_agent(
-    mut agent: AgentClient<Channel>,
-    participant: String,
-    msg: Msg,
-    commands: mpsc::UnboundedSender<Command>,
-) {
-    match msg {
-        Msg::Prepare { txn, participants } => {
-            let req = pb::AgentPrepareRequest {
-                txid: txn.to_string(),
-                participants: participants_to_pb(&participants),
-            };
-            if let Err(s) = agent.prepare(req).await {
-                // The vote will not come; the takeover timer settles the instance.
-                tracing::warn!(%txn, %participant, "prepare not delivered: {}", s.message());
-            }
+    /// Answers an agent's enlistment (`code` 0: enlisted).
+    pub fn enlisted(&mut self, agent: &Participant, txn: TxnId, code: i32, message: String) {
+        let wire = enlisted_to_pb(txn, self.me, code, message);
+        self.send_to_agent(agent, wire);
+    }
+
+    fn send_to_agent(&mut self, p: &Participant, wire: pb::PaxosMessage) {
+        if let Some(link) = self.agents.get(&p.address) {
+            let _ = link.send(wire);
+            return;
         }
-        Msg::Decide { txn, outcome } => {
-            let req = pb::DecideRequest {
-                txid: txn.to_string(),
-                outcome: outcome_to_pb(outcome),
-            };
-            match agent.decide(req).await {
-                Ok(_) => {
-                    let _ = commands.send(Command::Applied { txn, participant });
-                }
-                Err(s) => {
-                    tracing::debug!(%txn, %participant, "decision not applied yet: {}", s.message())
-                }
+        match lazy_channel(&p.address, None) {
+            Ok(ch) => {
+                let link = sender::to_agent(AgentClient::new(ch));
+                let _ = link.send(wire);
+                self.agents.insert(p.address.clone(), link);
             }
+            Err(e) => tracing::warn!(participant = %p.id, "cannot reach agent: {e}"),
         }
-        _ => {}
     }
 }

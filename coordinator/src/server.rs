@@ -8,8 +8,8 @@ use paxos_commit_core::status::{combine, TxnState};
 use paxos_commit_core::{LocalStatus, TxnError, TxnId};
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::convert::{
-    msg_from_pb, outcome_to_pb, participant_from_pb, participant_to_pb, participants_from_pb,
-    txid_from_pb, vote_to_pb,
+    delivered_from_pb, outcome_to_pb, participant_from_pb, participant_to_pb, participants_from_pb,
+    txid_from_pb, vote_to_pb, Delivered,
 };
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
@@ -271,25 +271,6 @@ impl pb::coordinator_server::Coordinator for Handle {
         Ok(Response::new(resp))
     }
 
-    async fn enlist(&self, req: Request<pb::EnlistRequest>) -> Result<Response<pb::Empty>, Status> {
-        let req = req.into_inner();
-        let txn = parse_txid(&req.txid)?;
-        let participant = req
-            .participant
-            .as_ref()
-            .filter(|p| !p.id.is_empty() && !p.address.is_empty())
-            .map(participant_from_pb)
-            .ok_or_else(|| Status::invalid_argument("enlist needs a participant id and address"))?;
-        self.ask(|reply| Command::Enlist {
-            txn,
-            participant,
-            reply,
-        })
-        .await?
-        .map_err(|e| Status::from(CoordinatorError::from(e)))?;
-        Ok(Response::new(pb::Empty {}))
-    }
-
     async fn resolve(
         &self,
         req: Request<pb::ResolveRequest>,
@@ -366,16 +347,44 @@ fn view_from_pb(r: &pb::StatusResponse) -> LocalStatus {
 }
 
 impl Handle {
+    /// Paxos messages go to the core as one command; the agents' enlistments and
+    /// acknowledgements as commands of their own. A malformed message fails the whole batch
+    /// before any of it is applied.
     fn deliver_batch(&self, batch: &pb::PaxosBatch) -> Result<(), Status> {
-        let msgs = batch
+        let delivered = batch
             .messages
             .iter()
-            .map(msg_from_pb)
+            .map(delivered_from_pb)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.commands
-            .send(Command::Deliver { msgs })
-            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
+        let mut msgs = Vec::with_capacity(delivered.len());
+        let mut others = Vec::new();
+        for d in delivered {
+            match d {
+                Delivered::Msg(from, msg) => msgs.push((from, msg)),
+                Delivered::Enlist { txn, participant } => {
+                    others.push(Command::Enlist { txn, participant })
+                }
+                Delivered::Applied { txn, participant } => {
+                    others.push(Command::Applied { txn, participant })
+                }
+                Delivered::Enlisted { .. } => {
+                    return Err(Status::invalid_argument(
+                        "Enlisted is an answer to agents, not a message to replicas",
+                    ))
+                }
+            }
+        }
+        let gone = || Status::from(CoordinatorError::ShuttingDown);
+        if !msgs.is_empty() {
+            self.commands
+                .send(Command::Deliver { msgs })
+                .map_err(|_| gone())?;
+        }
+        for c in others {
+            self.commands.send(c).map_err(|_| gone())?;
+        }
+        Ok(())
     }
 }
 

@@ -133,6 +133,10 @@ impl Branches {
         &self.coordinators.me().id
     }
 
+    pub fn coordinators(&self) -> &Coordinators {
+        &self.coordinators
+    }
+
     fn gid(&self, txn: TxnId) -> String {
         gid(&self.group, txn, self.participant())
     }

@@ -1,43 +1,57 @@
 //! The agent's links to the coordinator group: enlisting with a transaction's leader, sending
 //! its ballot-0 vote to every acceptor, and asking any replica to resolve an in-doubt branch.
 
-use paxos_commit_core::{participant, Msg, Outcome, Participant, TxnId, Vote};
+use paxos_commit_core::{participant, Outcome, Participant, ReplicaId, TxnId, Vote};
 use paxos_commit_proto::client::{lazy_channel, ClientError};
-use paxos_commit_proto::convert::{outcome_from_pb, participant_to_pb, participants_to_pb};
+use paxos_commit_proto::convert::{
+    applied_to_pb, enlist_to_pb, msg_to_pb, outcome_from_pb, participants_to_pb,
+};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
 use paxos_commit_proto::sender;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+/// How long an enlistment waits for the leader's answer. Its message can be lost with a
+/// broken stream, and a leader that is down never answers: the statement then fails with
+/// Unavailable, as a refused connection would.
+const ENLIST_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Waiting = Arc<Mutex<HashMap<TxnId, oneshot::Sender<Result<(), Status>>>>>;
 
 #[derive(Clone)]
 pub struct Coordinators {
     coordinators: Vec<CoordinatorClient<Channel>>,
-    /// One streaming sender per acceptor, shared by every branch's vote.
-    acceptors: Vec<mpsc::UnboundedSender<Msg>>,
+    /// One streaming sender per replica, shared by every branch: votes to its acceptor,
+    /// enlistments to the leaders, acknowledgements of decisions.
+    links: Vec<mpsc::UnboundedSender<pb::PaxosMessage>>,
+    /// Enlistments sent and not answered yet.
+    enlisting: Waiting,
     me: Participant,
 }
 
 impl Coordinators {
     pub fn new(addresses: &[String], me: Participant) -> Result<Coordinators, ClientError> {
         let mut coordinators = Vec::new();
-        let mut acceptors = Vec::new();
+        let mut links = Vec::new();
         for a in addresses {
             coordinators.push(CoordinatorClient::new(lazy_channel(
                 a,
                 Some(Duration::from_secs(5)),
             )?));
-            acceptors.push(sender::spawn(
-                0,
-                AcceptorClient::new(lazy_channel(a, None)?),
-            ));
+            links.push(sender::to_replica(AcceptorClient::new(lazy_channel(
+                a, None,
+            )?)));
         }
         Ok(Coordinators {
             coordinators,
-            acceptors,
+            links,
+            enlisting: Arc::new(Mutex::new(HashMap::new())),
             me,
         })
     }
@@ -46,26 +60,54 @@ impl Coordinators {
         &self.me
     }
 
-    /// Joins `txn` with its leader (named by the transaction id).
+    fn waiting(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TxnId, oneshot::Sender<Result<(), Status>>>> {
+        // A panic while holding this lock leaves the map itself consistent.
+        self.enlisting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins `txn` with its leader (named by the transaction id) and waits for its answer.
     pub async fn enlist(&self, txn: TxnId) -> Result<(), Status> {
-        let leader = self
-            .coordinators
-            .get(txn.leader() as usize)
-            .cloned()
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "transaction {txn} names replica {} as its leader, which is not configured",
-                    txn.leader()
-                ))
-            })?;
-        leader
-            .clone()
-            .enlist(pb::EnlistRequest {
-                txid: txn.to_string(),
-                participant: Some(participant_to_pb(&self.me)),
-            })
-            .await
-            .map(|_| ())
+        let leader = self.links.get(txn.leader() as usize).ok_or_else(|| {
+            Status::not_found(format!(
+                "transaction {txn} names replica {} as its leader, which is not configured",
+                txn.leader()
+            ))
+        })?;
+        let (tx, rx) = oneshot::channel();
+        self.waiting().insert(txn, tx);
+        let _ = leader.send(enlist_to_pb(txn, &self.me));
+        let answer = tokio::time::timeout(ENLIST_TIMEOUT, rx).await;
+        self.waiting().remove(&txn);
+        match answer {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) | Err(_) => Err(Status::unavailable(format!(
+                "the leader of {txn} (replica {}) did not answer the enlistment within {} ms",
+                txn.leader(),
+                ENLIST_TIMEOUT.as_millis()
+            ))),
+        }
+    }
+
+    /// The leader's answer to an enlistment (`code` 0: enlisted). An answer nobody waits for
+    /// any more (timed out) is dropped.
+    pub fn enlisted(&self, txn: TxnId, code: i32, message: String) {
+        let Some(waiter) = self.waiting().remove(&txn) else {
+            return;
+        };
+        let result = match Code::from_i32(code) {
+            Code::Ok => Ok(()),
+            code => Err(Status::new(code, message)),
+        };
+        let _ = waiter.send(result);
+    }
+
+    /// Tells replica `to` (the one that sent the decision) that it is applied here.
+    pub fn applied(&self, txn: TxnId, to: ReplicaId) {
+        if let Some(link) = self.links.get(to as usize) {
+            let _ = link.send(applied_to_pb(txn, &self.me.id));
+        }
     }
 
     /// Sends this participant's ballot-0 vote to every acceptor. Lost messages are fine:
@@ -76,11 +118,11 @@ impl Coordinators {
             &self.me.id,
             vote,
             participants,
-            self.acceptors.len() as u32,
+            self.links.len() as u32,
         );
         for (r, msg) in msgs {
-            if let Some(acceptor) = self.acceptors.get(r as usize) {
-                let _ = acceptor.send(msg);
+            if let Some(link) = self.links.get(r as usize) {
+                let _ = link.send(msg_to_pb(0, &msg));
             }
         }
     }

@@ -1,9 +1,10 @@
-//! The agent's gRPC face: parse, call the branch manager, map errors to statuses.
+//! The agent's gRPC face: parse, call the branch manager, map errors to statuses; and the
+//! replicas' message stream (Prepare, Decide, answers to enlistments).
 
 use crate::branches::Branches;
 use crate::error::AgentError;
-use paxos_commit_core::TxnId;
-use paxos_commit_proto::convert::{outcome_from_pb, participants_from_pb, txid_from_pb};
+use paxos_commit_core::{Msg, ReplicaId, TxnId};
+use paxos_commit_proto::convert::{delivered_from_pb, outcome_from_pb, txid_from_pb, Delivered};
 use paxos_commit_proto::pb;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -29,6 +30,45 @@ fn txid(s: &str) -> Result<TxnId, Status> {
     txid_from_pb(s).map_err(|e| AgentError::BadRequest(e.to_string()).into())
 }
 
+impl AgentService {
+    /// Acts on one message from a replica. Branch work runs on its own task, as a unary
+    /// call's would: the stream goes on with the next message meanwhile.
+    fn delivered(&self, d: Delivered) {
+        match d {
+            Delivered::Msg(_, Msg::Prepare { txn, participants }) => {
+                let branches = self.branches.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = branches.prepare(txn, participants).await {
+                        // No vote leaves; the group's recovery settles the instance.
+                        tracing::warn!(%txn, "prepare failed: {e}");
+                    }
+                });
+            }
+            Delivered::Msg(from, Msg::Decide { txn, outcome }) => {
+                let branches = self.branches.clone();
+                tokio::spawn(decide_and_acknowledge(branches, txn, outcome, from));
+            }
+            Delivered::Enlisted { txn, code, message } => {
+                self.branches.coordinators().enlisted(txn, code, message)
+            }
+            other => tracing::warn!("unexpected message for an agent: {other:?}"),
+        }
+    }
+}
+
+/// Applies a decision and tells the replica that sent it, which retries until it hears so.
+async fn decide_and_acknowledge(
+    branches: Arc<Branches>,
+    txn: TxnId,
+    outcome: paxos_commit_core::Outcome,
+    from: ReplicaId,
+) {
+    match branches.decide(txn, outcome).await {
+        Ok(()) => branches.coordinators().applied(txn, from),
+        Err(e) => tracing::debug!(%txn, "decision not applied yet: {e}"),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentService {
     async fn execute(
@@ -43,15 +83,20 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(resp))
     }
 
-    async fn prepare(
+    async fn deliver_stream(
         &self,
-        req: Request<pb::AgentPrepareRequest>,
+        req: Request<tonic::Streaming<pb::PaxosBatch>>,
     ) -> Result<Response<pb::Empty>, Status> {
-        let req = req.into_inner();
-        let txn = txid(&req.txid)?;
-        let participants = participants_from_pb(&req.participants);
-        let branches = self.branches.clone();
-        detached(async move { branches.prepare(txn, participants).await }).await?;
+        let mut stream = req.into_inner();
+        while let Some(batch) = stream.message().await? {
+            for m in &batch.messages {
+                match delivered_from_pb(m) {
+                    Ok(d) => self.delivered(d),
+                    // One bad message must not cost the others on the stream.
+                    Err(e) => tracing::warn!("dropping a message from a replica: {e}"),
+                }
+            }
+        }
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -70,9 +70,8 @@ pub fn txid_from_pb(s: &str) -> Result<TxnId, BadMessage> {
         .map_err(|e: paxos_commit_core::types::BadTxnId| BadMessage(e.to_string()))
 }
 
-/// A replica-to-replica or agent-to-replica message on the wire. Agent-bound messages
-/// (Prepare, Decide) travel as their own RPCs and are not encoded here.
-pub fn msg_to_pb(from: ReplicaId, msg: &Msg) -> Option<pb::PaxosMessage> {
+/// A message of the core on the wire, marked as sent by replica `from` (agents use 0).
+pub fn msg_to_pb(from: ReplicaId, msg: &Msg) -> pb::PaxosMessage {
     use pb::paxos_message::Body;
     let body = match msg {
         Msg::Phase1a {
@@ -139,12 +138,102 @@ pub fn msg_to_pb(from: ReplicaId, msg: &Msg) -> Option<pb::PaxosMessage> {
         Msg::Finished { outcome, .. } => Body::Finished(pb::Finished {
             outcome: outcome_to_pb(*outcome),
         }),
-        Msg::Prepare { .. } | Msg::Decide { .. } => return None,
+        Msg::Prepare { participants, .. } => Body::Prepare(pb::Prepare {
+            participants: participants_to_pb(participants),
+        }),
+        Msg::Decide { outcome, .. } => Body::Decide(pb::Decide {
+            outcome: outcome_to_pb(*outcome),
+        }),
     };
-    Some(pb::PaxosMessage {
-        txid: msg.txn().to_string(),
+    wire(msg.txn(), from, body)
+}
+
+fn wire(txn: TxnId, from: ReplicaId, body: pb::paxos_message::Body) -> pb::PaxosMessage {
+    pb::PaxosMessage {
+        txid: txn.to_string(),
         from_replica: from,
         body: Some(body),
+    }
+}
+
+/// Agent → leader: join `txn`.
+pub fn enlist_to_pb(txn: TxnId, me: &Participant) -> pb::PaxosMessage {
+    wire(
+        txn,
+        0,
+        pb::paxos_message::Body::Enlist(pb::Enlist {
+            participant: Some(participant_to_pb(me)),
+        }),
+    )
+}
+
+/// Leader → agent: the answer to an enlistment, as a gRPC status code and message.
+pub fn enlisted_to_pb(txn: TxnId, from: ReplicaId, code: i32, message: String) -> pb::PaxosMessage {
+    wire(
+        txn,
+        from,
+        pb::paxos_message::Body::Enlisted(pb::Enlisted { code, message }),
+    )
+}
+
+/// Agent → replica: `participant` applied the decision of `txn`.
+pub fn applied_to_pb(txn: TxnId, participant: &str) -> pb::PaxosMessage {
+    wire(
+        txn,
+        0,
+        pb::paxos_message::Body::Applied(pb::Applied {
+            participant: participant.to_string(),
+        }),
+    )
+}
+
+/// What arrives on a `DeliverStream`: a message of the core, or one of the agents'
+/// enlistment and acknowledgement messages that live beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivered {
+    Msg(ReplicaId, Msg),
+    Enlist {
+        txn: TxnId,
+        participant: Participant,
+    },
+    Enlisted {
+        txn: TxnId,
+        code: i32,
+        message: String,
+    },
+    Applied {
+        txn: TxnId,
+        participant: String,
+    },
+}
+
+pub fn delivered_from_pb(m: &pb::PaxosMessage) -> Result<Delivered, BadMessage> {
+    use pb::paxos_message::Body;
+    let txn = txid_from_pb(&m.txid)?;
+    Ok(match &m.body {
+        Some(Body::Enlist(x)) => Delivered::Enlist {
+            txn,
+            participant: x
+                .participant
+                .as_ref()
+                .filter(|p| !p.id.is_empty() && !p.address.is_empty())
+                .map(participant_from_pb)
+                .ok_or_else(|| BadMessage("enlist needs a participant id and address".into()))?,
+        },
+        Some(Body::Enlisted(x)) => Delivered::Enlisted {
+            txn,
+            code: x.code,
+            message: x.message.clone(),
+        },
+        Some(Body::Applied(x)) if !x.participant.is_empty() => Delivered::Applied {
+            txn,
+            participant: x.participant.clone(),
+        },
+        Some(Body::Applied(_)) => return Err(BadMessage("applied needs a participant".into())),
+        _ => {
+            let (from, msg) = msg_from_pb(m)?;
+            Delivered::Msg(from, msg)
+        }
     })
 }
 
@@ -198,6 +287,19 @@ pub fn msg_from_pb(m: &pb::PaxosMessage) -> Result<(ReplicaId, Msg), BadMessage>
             txn,
             outcome: outcome_from_pb(x.outcome)?,
         },
+        Body::Prepare(x) => Msg::Prepare {
+            txn,
+            participants: participants_from_pb(&x.participants),
+        },
+        Body::Decide(x) => Msg::Decide {
+            txn,
+            outcome: outcome_from_pb(x.outcome)?,
+        },
+        Body::Enlist(_) | Body::Enlisted(_) | Body::Applied(_) => {
+            return Err(BadMessage(
+                "an enlistment message is not a Paxos message".into(),
+            ))
+        }
     };
     Ok((m.from_replica, msg))
 }
@@ -249,10 +351,51 @@ mod tests {
                 txn,
                 outcome: Outcome::Aborted,
             },
+            Msg::Prepare {
+                txn,
+                participants: vec![Participant::new("b", "127.0.0.1:2")],
+            },
+            Msg::Decide {
+                txn,
+                outcome: Outcome::Committed,
+            },
         ];
         for m in msgs {
-            let wire = msg_to_pb(1, &m).expect("encodable");
-            assert_eq!(msg_from_pb(&wire), Ok((1, m)));
+            let wire = msg_to_pb(1, &m);
+            assert_eq!(msg_from_pb(&wire), Ok((1, m.clone())));
+            assert_eq!(delivered_from_pb(&wire), Ok(Delivered::Msg(1, m)));
         }
+    }
+
+    #[test]
+    fn enlistment_messages_round_trip_and_bad_ones_are_refused() {
+        let txn = TxnId::new(0, 9);
+        let me = Participant::new("bank_a", "127.0.0.1:7000");
+        assert_eq!(
+            delivered_from_pb(&enlist_to_pb(txn, &me)),
+            Ok(Delivered::Enlist {
+                txn,
+                participant: me.clone()
+            })
+        );
+        assert_eq!(
+            delivered_from_pb(&enlisted_to_pb(txn, 0, 5, "gone".into())),
+            Ok(Delivered::Enlisted {
+                txn,
+                code: 5,
+                message: "gone".into()
+            })
+        );
+        assert_eq!(
+            delivered_from_pb(&applied_to_pb(txn, "bank_a")),
+            Ok(Delivered::Applied {
+                txn,
+                participant: "bank_a".into()
+            })
+        );
+        let nobody = enlist_to_pb(txn, &Participant::new("", ""));
+        assert!(delivered_from_pb(&nobody).is_err());
+        assert!(msg_from_pb(&enlist_to_pb(txn, &me)).is_err());
+        assert!(delivered_from_pb(&applied_to_pb(txn, "")).is_err());
     }
 }

@@ -1,44 +1,62 @@
-//! Paxos messages to one replica over one long-lived gRPC stream.
+//! Messages to one peer (a replica's acceptor or a participant agent) over one long-lived
+//! gRPC stream.
 //!
 //! A unary call per message costs an HTTP/2 stream, headers and a reply each; on a busy
-//! replica that overhead, not the protocol, dominates. One sender task per destination keeps
-//! a client stream open, ships whatever queued up as one batch, and reopens the stream when
-//! it breaks. Delivery is best effort: Paxos tolerates loss, and its timers retry.
+//! replica or agent that overhead, not the protocol, dominates. One sender task per
+//! destination keeps a client stream open, ships whatever queued up as one batch, and
+//! reopens the stream when it breaks. Delivery is best effort: Paxos tolerates loss, its
+//! timers retry, and the one message that waits for an answer (an agent's enlistment) has a
+//! deadline of its own.
 
-use crate::convert::msg_to_pb;
 use crate::pb;
 use crate::pb::acceptor_client::AcceptorClient;
-use paxos_commit_core::{Msg, ReplicaId};
+use crate::pb::agent_client::AgentClient;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// Most messages shipped in one batch.
 const MAX_BATCH: usize = 4096;
 
-/// Starts the sender task; messages sent into the returned channel go to `client`, marked as
-/// coming from `from` (a replica index; agents use 0, which acceptors ignore for phase 2a).
-pub fn spawn(from: ReplicaId, client: AcceptorClient<Channel>) -> mpsc::UnboundedSender<Msg> {
+type Batches = ReceiverStream<pb::PaxosBatch>;
+type Call = Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>;
+
+/// Starts a sender to a replica's `Acceptor.DeliverStream`.
+pub fn to_replica(client: AcceptorClient<Channel>) -> mpsc::UnboundedSender<pb::PaxosMessage> {
+    spawn(move |batches| {
+        let mut client = client.clone();
+        Box::pin(async move { client.deliver_stream(batches).await.map(|_| ()) })
+    })
+}
+
+/// Starts a sender to an agent's `Agent.DeliverStream`.
+pub fn to_agent(client: AgentClient<Channel>) -> mpsc::UnboundedSender<pb::PaxosMessage> {
+    spawn(move |batches| {
+        let mut client = client.clone();
+        Box::pin(async move { client.deliver_stream(batches).await.map(|_| ()) })
+    })
+}
+
+fn spawn(
+    open: impl Fn(Batches) -> Call + Send + 'static,
+) -> mpsc::UnboundedSender<pb::PaxosMessage> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(from, client, rx));
+    tokio::spawn(run(open, rx));
     tx
 }
 
 async fn run(
-    from: ReplicaId,
-    client: AcceptorClient<Channel>,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
+    open: impl Fn(Batches) -> Call + Send + 'static,
+    mut rx: mpsc::UnboundedReceiver<pb::PaxosMessage>,
 ) {
     loop {
         // Wait for traffic before opening a stream: an idle destination costs nothing.
         let Some(first) = rx.recv().await else { return };
         let (stream_tx, stream_rx) = mpsc::channel::<pb::PaxosBatch>(64);
-        let mut call_client = client.clone();
-        let call = tokio::spawn(async move {
-            call_client
-                .deliver_stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx))
-                .await
-        });
+        let call = tokio::spawn(open(ReceiverStream::new(stream_rx)));
         let mut pending = Some(first);
         loop {
             let first = match pending.take() {
@@ -48,11 +66,13 @@ async fn run(
                     None => return,
                 },
             };
-            let mut batch = pb::PaxosBatch::default();
-            batch.messages.extend(msg_to_pb(from, &first));
+            let mut batch = pb::PaxosBatch {
+                messages: Vec::with_capacity(1 + rx.len().min(MAX_BATCH)),
+            };
+            batch.messages.push(first);
             while batch.messages.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(m) => batch.messages.extend(msg_to_pb(from, &m)),
+                    Ok(m) => batch.messages.push(m),
                     Err(_) => break,
                 }
             }
@@ -66,9 +86,9 @@ async fn run(
         }
         drop(stream_tx);
         match call.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(status)) => tracing::debug!("paxos stream closed: {}", status.message()),
-            Err(e) => tracing::debug!("paxos stream task failed: {e}"),
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => tracing::debug!("message stream closed: {}", status.message()),
+            Err(e) => tracing::debug!("message stream task failed: {e}"),
         }
         // Do not spin against a peer that is down.
         tokio::time::sleep(Duration::from_millis(50)).await;
