@@ -90,7 +90,9 @@ async fn nemesis_bank() {
 /// stayed until the agent restarted.
 ///
 /// Here a deferred constraint trigger makes bank_a's PREPARE take 2 s, and the leader's links
-/// to the agents are reset 0.7 s into it.
+/// to the agents are reset 0.7 s into it. (Prepare now reaches the agent over the leader's
+/// message stream rather than as an RPC; the reset ends that stream mid-PREPARE, which drops
+/// its handler the same way.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prepare_cancelled_mid_flight_leaves_nothing_prepared() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -199,7 +201,7 @@ async fn execute_cancelled_while_enlisting_leaves_no_open_transaction() -> Resul
         .expect_err("the enlistment cannot finish while the link is blackholed");
     eprintln!("{}: execute gave up: {err}", txn.id());
     to_leader.modify(|f| f.set_cut(CutMode::Blackhole, false));
-    // Past the agent's enlistment deadline (5 s) and the branch timeout: nothing of that
+    // Past the agent's enlistment deadline (2 s) and the branch timeout: nothing of that
     // branch may be left.
     tokio::time::sleep(Duration::from_secs(8)).await;
 
