@@ -130,7 +130,9 @@ fn build_workspace_binaries_once() -> Result<()> {
 fn build_workspace_binaries() -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let started = Instant::now();
-    eprintln!("[harness] building workspace binaries (cargo build --workspace --bins)");
+    eprintln!(
+        "[harness] building workspace binaries (cargo build --workspace --bins; a few minutes the first time)"
+    );
     let output = Command::new(&cargo)
         .args(["build", "--workspace", "--bins"])
         .args(profile_args())

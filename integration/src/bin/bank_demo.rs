@@ -176,13 +176,18 @@ async fn run(args: Args) -> Result<()> {
     let elapsed = start.elapsed();
 
     println!("settling transactions whose outcome the client could not learn ...");
+    // First every prepared branch is finished (the agents ask the group, which takes over
+    // what the dead leader left). After that no branch of any transaction can still commit:
+    // the clients are done, and an unprepared branch only ever rolls back.
+    cluster.wait_no_prepared(Duration::from_secs(60)).await?;
     let mut unknown_resolved = 0;
     for txid in unknown_txids.lock().await.iter() {
-        let state = cluster.wait_decided(txid, Duration::from_secs(30)).await;
+        let state = cluster.wait_decided(txid, Duration::from_secs(2)).await;
         let rows = bank::rows_of(&cluster, txid).await?;
         let state = match state {
             Ok(s) => s,
-            // Never seen by any acceptor: nothing was prepared, so nothing can be applied.
+            // Never seen by an acceptor, or still to be aborted by a takeover: nothing of it
+            // is prepared any more, so nothing of it can be applied.
             Err(_) => pb::TxnState::Unknown,
         };
         let applied = rows.values().filter(|n| **n > 0).count();
@@ -195,7 +200,6 @@ async fn run(args: Args) -> Result<()> {
         }
         unknown_resolved += 1;
     }
-    cluster.wait_no_prepared(Duration::from_secs(30)).await?;
 
     let totals = bank::totals(&cluster).await?;
     println!();
