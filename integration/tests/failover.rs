@@ -190,3 +190,77 @@ async fn two_of_three_down_blocks_safely_and_recovers() -> Result<()> {
     assert_eq!(bank::balance(&c, B, 1).await?, 107);
     Ok(())
 }
+
+/// Open (unprepared) branches hold row locks, and only their leader knows the transaction:
+/// when it dies before Commit, nobody else will abort it. The agents notice on their own
+/// (an idle open branch asks its leader) and roll back, long before the branch timeout, so
+/// the accounts are usable again in seconds; a statement sent to such a branch later fails
+/// instead of opening a new branch without the rolled-back work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_branches_of_a_dead_leader_release_their_locks() -> Result<()> {
+    let mut spec = Spec::new("leader-kill-open", 3, &[A, B]);
+    spec.commit_timeout_ms = 4_000;
+    // The production default: far longer than this test may wait.
+    spec.branch_timeout_ms = 120_000;
+    let c = Cluster::start(spec).await?;
+    bank::create_accounts(&c, 4, 100).await?;
+    let debit = "UPDATE accounts SET balance = balance + $1 WHERE id = $2";
+
+    let orphan = c.client.begin().await?;
+    let leader = orphan.leader();
+    for (p, delta) in [(A, -10i64), (B, 10)] {
+        orphan
+            .execute(p, debit, &[pb::Value::from(delta), pb::Value::from(1i64)])
+            .await?;
+    }
+    c.replicas[leader].kill9()?;
+    let killed = Instant::now();
+    eprintln!(
+        "{}: leader {leader} killed with both branches open",
+        orphan.id()
+    );
+
+    // The same rows, through the surviving replicas: lock timeouts abort the first tries.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (_, outcome) = bank::transfer(&c.client, (A, 1), (B, 1), 5).await?;
+        if outcome == TransferOutcome::Committed {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "rows still locked {:?} after the leader died: {outcome:?}",
+            killed.elapsed()
+        );
+    }
+    eprintln!(
+        "rows usable again {:?} after the kill ({tries} tries)",
+        killed.elapsed()
+    );
+    for p in [A, B] {
+        let idle: i64 = c
+            .db(p)
+            .await?
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = $1 AND state LIKE 'idle in transaction%'",
+                &[&p],
+            )
+            .await?
+            .get(0);
+        assert_eq!(
+            idle, 0,
+            "{p}: a session is still inside the orphaned branch"
+        );
+    }
+    let late = orphan
+        .execute(A, debit, &[pb::Value::from(-1i64), pb::Value::from(2i64)])
+        .await
+        .expect_err("a statement on a rolled-back branch must fail");
+    eprintln!("late statement refused: {late}");
+    assert_eq!(bank::balance(&c, A, 1).await?, 95);
+    assert_eq!(bank::balance(&c, B, 1).await?, 105);
+    assert_eq!(bank::balance(&c, A, 2).await?, 100);
+    Ok(())
+}

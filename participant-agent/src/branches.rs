@@ -154,8 +154,16 @@ impl Branches {
         self.map().remove(&txn);
     }
 
+    /// Branches open and not prepared yet (one busy with a statement counts as open).
     pub fn open_count(&self) -> usize {
-        self.map().len()
+        self.map()
+            .values()
+            .filter(|b| {
+                b.state
+                    .try_lock()
+                    .map_or(true, |s| matches!(*s, State::New | State::Open { .. }))
+            })
+            .count()
     }
 
     /// Runs one statement in `txn`'s branch, opening the branch (and enlisting with the
@@ -525,19 +533,39 @@ impl Branches {
         let branches: Vec<(TxnId, Arc<Branch>)> =
             self.map().iter().map(|(t, b)| (*t, b.clone())).collect();
         for (txn, branch) in branches {
-            let Ok(mut state) = branch.state.try_lock() else {
+            let Ok(state) = branch.state.try_lock() else {
                 continue; // busy: not abandoned
             };
             match &*state {
                 State::Open { .. } | State::New if branch.idle() > branch_timeout => {
-                    if let State::Open { conn, .. } =
-                        std::mem::replace(&mut *state, State::Done(Outcome::Aborted))
-                    {
-                        tracing::info!(%txn, "rolling back a branch abandoned for {:?}", branch.idle());
-                        let _ = conn.batch_execute("ROLLBACK").await;
-                    }
+                    tracing::info!(%txn, "rolling back a branch abandoned for {:?}", branch.idle());
+                    self.roll_back_open(&branch, state).await;
+                }
+                State::Done(_) if branch.idle() > branch_timeout => {
                     drop(state);
                     self.remove(txn);
+                }
+                State::Open { .. } | State::New if branch.idle() > in_doubt_after => {
+                    // Idle for a while: is its leader still there to finish it?
+                    if branch.resolving.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    drop(state);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if !this.coordinators.leader_holds_open(txn).await {
+                            let state = branch.state.lock().await;
+                            if matches!(*state, State::Open { .. } | State::New) {
+                                tracing::info!(
+                                    %txn,
+                                    "rolling back an open branch whose leader (replica {}) is gone",
+                                    txn.leader()
+                                );
+                                this.roll_back_open(&branch, state).await;
+                            }
+                        }
+                        branch.resolving.store(false, Ordering::Release);
+                    });
                 }
                 State::Prepared {
                     participants,
@@ -570,6 +598,23 @@ impl Branches {
                 _ => {}
             }
         }
+    }
+}
+
+impl Branches {
+    /// Ends an unprepared branch with ROLLBACK. The branch stays, aborted, for one more
+    /// branch timeout: a later statement must fail rather than open a fresh branch that would
+    /// commit without the statements rolled back here, and a later Prepare votes Aborted.
+    async fn roll_back_open(&self, branch: &Branch, mut state: tokio::sync::MutexGuard<'_, State>) {
+        if let State::Open { conn, .. } =
+            std::mem::replace(&mut *state, State::Done(Outcome::Aborted))
+        {
+            if conn.batch_execute("ROLLBACK").await.is_err() {
+                // Never hand a connection with an open transaction back to the pool.
+                drop(Object::take(*conn));
+            }
+        }
+        branch.touch();
     }
 }
 

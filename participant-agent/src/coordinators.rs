@@ -127,6 +127,32 @@ impl Coordinators {
         }
     }
 
+    /// Whether `txn`'s leader still holds it open. An unprepared branch may be rolled back
+    /// at any time (its participant has not voted), and must be once its leader is gone: the
+    /// leader is the only replica that knows an open transaction, so nobody else will ever
+    /// abort it, and its row locks would stand until the branch timeout. "Gone" is a leader
+    /// that cannot be reached, or that no longer knows the transaction or aborted it (it
+    /// restarted, or the open deadline passed).
+    pub async fn leader_holds_open(&self, txn: TxnId) -> bool {
+        let Some(leader) = self.coordinators.get(txn.leader() as usize) else {
+            return false;
+        };
+        let req = pb::StatusRequest {
+            txid: txn.to_string(),
+            local_only: true,
+        };
+        match leader.clone().get_status(req).await {
+            Ok(r) => !matches!(
+                pb::TxnState::try_from(r.into_inner().state),
+                Ok(pb::TxnState::Unknown | pb::TxnState::Aborted)
+            ),
+            Err(s) => !matches!(
+                s.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+            ),
+        }
+    }
+
     /// Asks the group for the outcome of an in-doubt transaction: the leader first, then the
     /// others, which take the transaction over if they must.
     pub async fn resolve(
