@@ -143,9 +143,14 @@ pub struct Driver {
     rx: mpsc::UnboundedReceiver<Command>,
     counters: Counters,
     votes: HashMap<TxnId, VoteTally>,
+    /// Records the last compaction kept.
+    live_at_rewrite: u64,
 }
 
-/// Compact the log once this many records were appended since the last rewrite.
+/// Compact the log once this many records were appended since the last rewrite, and at least
+/// twice as many as that rewrite kept: a rewrite costs as much as the live state it writes,
+/// and under heavy load the retention window alone can hold more than this many records, so
+/// a fixed threshold would rewrite the same live records over and over.
 const COMPACT_AFTER: u64 = 200_000;
 
 /// Longest an fsync waits for the rest of a transaction's votes (see the module docs). The
@@ -192,6 +197,7 @@ impl Driver {
             decided: HashMap::new(),
             rx,
             counters: Counters::default(),
+            live_at_rewrite: 0,
             votes: HashMap::new(),
         }
     }
@@ -421,7 +427,7 @@ impl Driver {
         let records = std::mem::take(&mut self.next_records);
         self.next_sync = false;
         self.held = std::mem::take(&mut self.next_outputs);
-        let compact = log.records_since_rewrite() > COMPACT_AFTER;
+        let compact = log.records_since_rewrite() > COMPACT_AFTER.max(2 * self.live_at_rewrite);
         // Compaction writes the whole live state instead of the batch: the core already
         // reflects every record of the batch, so nothing is lost.
         let live = compact.then(|| self.core.durable_records());
@@ -466,6 +472,7 @@ impl Driver {
             paxos_commit_proto::crash_point("coordinator-after-accept");
         }
         if let Some(before) = written.compacted_from {
+            self.live_at_rewrite = written.records as u64;
             tracing::info!(
                 before,
                 after = log.size_bytes(),
