@@ -266,10 +266,7 @@ impl Branches {
         match (enlisted, opened) {
             (Ok(()), opened) => opened,
             (Err(status), Ok((conn, _))) => {
-                // Never hand a connection with an open transaction back to the pool.
-                if conn.batch_execute("ROLLBACK").await.is_err() {
-                    drop(Object::take(conn));
-                }
+                roll_back(conn).await;
                 Err(AgentError::Enlist(status))
             }
             (Err(status), Err(_)) => Err(AgentError::Enlist(status)),
@@ -337,7 +334,7 @@ impl Branches {
                 conn,
                 failed: Some(_),
             } => {
-                let _ = conn.batch_execute("ROLLBACK").await;
+                roll_back(*conn).await;
                 Some(Vote::Aborted)
             }
             prepared @ State::Prepared { .. } => {
@@ -374,7 +371,7 @@ impl Branches {
                     *state = State::Open { conn, failed: None };
                     return Err(AgentError::NotPrepared { txn });
                 }
-                let _ = conn.batch_execute("ROLLBACK").await;
+                roll_back(*conn).await;
             }
             State::Prepared {
                 participants,
@@ -415,6 +412,18 @@ impl Branches {
         drop(state);
         self.remove(txn);
         Ok(())
+    }
+
+    /// Ends an unprepared branch with ROLLBACK. The branch stays, aborted, for one more
+    /// branch timeout: a later statement must fail rather than open a fresh branch that would
+    /// commit without the statements rolled back here, and a later Prepare votes Aborted.
+    async fn roll_back_open(&self, branch: &Branch, mut state: tokio::sync::MutexGuard<'_, State>) {
+        if let State::Open { conn, .. } =
+            std::mem::replace(&mut *state, State::Done(Outcome::Aborted))
+        {
+            roll_back(*conn).await;
+        }
+        branch.touch();
     }
 
     /// `COMMIT PREPARED` / `ROLLBACK PREPARED` by gid. A gid that no longer exists was
@@ -601,20 +610,11 @@ impl Branches {
     }
 }
 
-impl Branches {
-    /// Ends an unprepared branch with ROLLBACK. The branch stays, aborted, for one more
-    /// branch timeout: a later statement must fail rather than open a fresh branch that would
-    /// commit without the statements rolled back here, and a later Prepare votes Aborted.
-    async fn roll_back_open(&self, branch: &Branch, mut state: tokio::sync::MutexGuard<'_, State>) {
-        if let State::Open { conn, .. } =
-            std::mem::replace(&mut *state, State::Done(Outcome::Aborted))
-        {
-            if conn.batch_execute("ROLLBACK").await.is_err() {
-                // Never hand a connection with an open transaction back to the pool.
-                drop(Object::take(*conn));
-            }
-        }
-        branch.touch();
+/// Rolls back the open transaction on `conn`. A connection on which that fails does not go
+/// back to the pool: the next branch would start inside the old transaction.
+async fn roll_back(conn: Object) {
+    if conn.batch_execute("ROLLBACK").await.is_err() {
+        drop(Object::take(conn));
     }
 }
 

@@ -22,7 +22,8 @@ use tonic::{Code, Status};
 /// Unavailable, as a refused connection would.
 const ENLIST_TIMEOUT: Duration = Duration::from_secs(2);
 
-type Waiting = Arc<Mutex<HashMap<TxnId, oneshot::Sender<Result<(), Status>>>>>;
+/// Enlistments sent and not answered yet, by transaction.
+type Waiting = HashMap<TxnId, oneshot::Sender<Result<(), Status>>>;
 
 #[derive(Clone)]
 pub struct Coordinators {
@@ -30,8 +31,7 @@ pub struct Coordinators {
     /// One streaming sender per replica, shared by every branch: votes to its acceptor,
     /// enlistments to the leaders, acknowledgements of decisions.
     links: Vec<mpsc::UnboundedSender<pb::PaxosMessage>>,
-    /// Enlistments sent and not answered yet.
-    enlisting: Waiting,
+    enlisting: Arc<Mutex<Waiting>>,
     me: Participant,
 }
 
@@ -60,9 +60,7 @@ impl Coordinators {
         &self.me
     }
 
-    fn waiting(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TxnId, oneshot::Sender<Result<(), Status>>>> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // A panic while holding this lock leaves the map itself consistent.
         self.enlisting.lock().unwrap_or_else(|p| p.into_inner())
     }
