@@ -2,6 +2,7 @@
 //! txctl reads the same file, so an operator points both at one place.
 
 use clap::Args;
+use paxos_commit_proto::tls::Security;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +38,12 @@ pub struct FileConfig {
     pub retention_ms: Option<u64>,
     pub commit_timeout_ms: Option<u64>,
     pub return_on_decision: Option<bool>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure: Option<bool>,
+    pub max_open_transactions: Option<usize>,
+    pub max_concurrent_calls: Option<usize>,
     /// Agents, for txctl: participant id → address.
     #[serde(default)]
     pub agents: std::collections::BTreeMap<String, String>,
@@ -78,6 +85,25 @@ pub struct ConfigArgs {
     /// Answer Commit as soon as the decision is chosen, not after the participants applied it.
     #[arg(long, env = "PAXOS_COMMIT_RETURN_ON_DECISION")]
     pub return_on_decision: Option<bool>,
+    /// PEM file of the CA (or CAs, while rotating) that signs every process's certificate.
+    #[arg(long, env = "PAXOS_COMMIT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate of this process (txctl: the operator's).
+    #[arg(long, env = "PAXOS_COMMIT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PAXOS_COMMIT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Run without TLS: plaintext, and every caller may do anything. Development only.
+    #[arg(long, env = "PAXOS_COMMIT_INSECURE")]
+    pub insecure: Option<bool>,
+    /// Most transactions this replica leads at once (open or deciding); Begin beyond it
+    /// answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PAXOS_COMMIT_MAX_OPEN_TRANSACTIONS")]
+    pub max_open_transactions: Option<usize>,
+    /// Most unary calls served at once; more answer RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PAXOS_COMMIT_MAX_CONCURRENT_CALLS")]
+    pub max_concurrent_calls: Option<usize>,
     /// Agents for txctl, as id=host:port, comma separated.
     #[arg(long, env = "PAXOS_COMMIT_AGENTS", value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
@@ -98,6 +124,9 @@ pub struct ReplicaConfig {
     pub commit_timeout: Duration,
     pub return_on_decision: bool,
     pub agents: std::collections::BTreeMap<String, String>,
+    pub security: Security,
+    pub max_open_transactions: usize,
+    pub max_concurrent_calls: usize,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -143,15 +172,37 @@ impl ConfigArgs {
             })?;
             agents.insert(k.to_string(), v.to_string());
         }
+        let group = self
+            .group
+            .clone()
+            .or(file.group)
+            .unwrap_or_else(|| "main".to_string());
+        if !paxos_commit_proto::tls::valid_name(&group) {
+            return Err(ConfigError::Invalid(format!(
+                "group {group:?} must be 1-64 characters of [A-Za-z0-9_-]"
+            )));
+        }
+        let security = Security::from_settings(
+            self.insecure.or(file.insecure).unwrap_or(false),
+            self.tls_ca.clone().or(file.tls_ca),
+            self.tls_cert.clone().or(file.tls_cert),
+            self.tls_key.clone().or(file.tls_key),
+        )
+        .map_err(ConfigError::Invalid)?;
+        if let Some(tls) = security.tls() {
+            if tls.group != group {
+                return Err(ConfigError::Invalid(format!(
+                    "the certificate {} belongs to group {:?}, this configuration is group {group:?}",
+                    tls.role.uri(&tls.group),
+                    tls.group
+                )));
+            }
+        }
         let ms = |flag: Option<u64>, file: Option<u64>, default: u64| {
             Duration::from_millis(flag.or(file).unwrap_or(default))
         };
         Ok(ReplicaConfig {
-            group: self
-                .group
-                .clone()
-                .or(file.group)
-                .unwrap_or_else(|| "main".to_string()),
+            group,
             id,
             listen: self.listen.clone().or(file.listen).unwrap_or(own),
             data_dir: self
@@ -170,6 +221,17 @@ impl ConfigArgs {
                 .unwrap_or(false),
             replicas,
             agents,
+            security,
+            max_open_transactions: self
+                .max_open_transactions
+                .or(file.max_open_transactions)
+                .unwrap_or(100_000)
+                .max(1),
+            max_concurrent_calls: self
+                .max_concurrent_calls
+                .or(file.max_concurrent_calls)
+                .unwrap_or(10_000)
+                .max(1),
         })
     }
 }

@@ -19,7 +19,7 @@ use paxos_commit_core::{
     LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats, TxnError,
     TxnId, Vote,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,9 +40,11 @@ pub enum Until {
 pub type DecisionReply = oneshot::Sender<Result<Decision, TxnError>>;
 
 pub enum Command {
+    /// Answers the transaction and the Unix time (ms) its open deadline passes, or `None`
+    /// when this replica already holds `max_open_transactions` open ones.
     Begin {
         timeout_ms: u64,
-        reply: oneshot::Sender<(TxnId, u64)>,
+        reply: oneshot::Sender<Option<(TxnId, u64)>>,
     },
     /// An agent joins `txn`; the answer goes back to it as an `Enlisted` message.
     Enlist {
@@ -125,6 +127,10 @@ struct Written {
 
 pub struct Driver {
     core: Replica,
+    /// Transactions begun here that may still be open (some may have moved on since: they
+    /// are swept out when the count reaches `max_open`).
+    open: HashSet<TxnId>,
+    max_open: usize,
     /// `None` while a batch is being written.
     log: Option<DurableLog<Record>>,
     log_bytes: u64,
@@ -181,8 +187,11 @@ impl Driver {
         peers: Peers,
         epoch: Instant,
         rx: mpsc::UnboundedReceiver<Command>,
+        max_open: usize,
     ) -> Driver {
         Driver {
+            open: HashSet::new(),
+            max_open,
             core,
             log_bytes: log.size_bytes(),
             log: Some(log),
@@ -261,8 +270,18 @@ impl Driver {
         let now = self.now();
         match cmd {
             Command::Begin { timeout_ms, reply } => {
-                let txn = self.core.begin(now, rand::random());
-                let _ = timeout_ms;
+                if self.open.len() >= self.max_open {
+                    // Forget the ones that left Open since (committing, decided, gone):
+                    // paid only near the limit, so a Begin stays O(1) otherwise.
+                    let core = &self.core;
+                    self.open.retain(|t| core.open_deadline(*t).is_some());
+                    if self.open.len() >= self.max_open {
+                        let _ = reply.send(None);
+                        return;
+                    }
+                }
+                let txn = self.core.begin_for(now, rand::random(), timeout_ms);
+                self.open.insert(txn);
                 let deadline_ms = self
                     .core
                     .open_deadline(txn)
@@ -270,7 +289,7 @@ impl Driver {
                 let unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
-                let _ = reply.send((txn, unix + deadline_ms));
+                let _ = reply.send(Some((txn, unix + deadline_ms)));
             }
             Command::Enlist { txn, participant } => {
                 let (code, message) = match self.core.enlist(now, txn, participant.clone()) {

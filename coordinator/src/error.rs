@@ -30,6 +30,9 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Txn(TxnError::Unknown { .. }) => Status::not_found(msg),
             CoordinatorError::Txn(TxnError::NotLeader { .. }) => Status::failed_precondition(msg),
             CoordinatorError::Txn(TxnError::Frozen { .. }) => Status::failed_precondition(msg),
+            CoordinatorError::Txn(TxnError::DuplicateParticipant { .. }) => {
+                Status::failed_precondition(msg)
+            }
             CoordinatorError::InvalidArgument(_) => Status::invalid_argument(msg),
             CoordinatorError::NoDecision { .. } => Status::unavailable(msg),
             CoordinatorError::ShuttingDown => Status::unavailable(msg),

@@ -56,22 +56,38 @@ pub async fn serve(
         "recovered the acceptor log"
     );
     let (tx, rx) = mpsc::unbounded_channel();
-    let peers = Peers::start(cfg.id, &cfg.replicas)
+    let peers = Peers::start(cfg.id, &cfg.replicas, cfg.security.clone())
         .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
     let cfg = Arc::new(cfg);
     let handle = Handle::new(cfg.clone(), tx)?;
-    tokio::spawn(Driver::new(core, log, peers, epoch, rx).run());
+    tokio::spawn(Driver::new(core, log, peers, epoch, rx, cfg.max_open_transactions).run());
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<Handle>>()
         .await;
-    tracing::info!(%addr, group = %cfg.group, "coordinator replica serving");
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    cfg.security.warn_if_insecure("this coordinator replica");
+    if let Some(tls) = cfg.security.tls() {
+        if tls.role != paxos_commit_proto::tls::Role::Replica(cfg.id) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "this is replica {}, but its certificate names {}",
+                cfg.id, tls.role
+            )));
+        }
+    }
+    tracing::info!(%addr, group = %cfg.group, tls = cfg.security.tls().is_some(), "coordinator replica serving");
+    let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = cfg.security.tls() {
+        server = server
+            .tls_config(tls.server_config())
+            .map_err(|e| CoordinatorError::InvalidArgument(format!("TLS: {e}")))?;
+    }
+    let max = paxos_commit_proto::limits::MAX_MESSAGE_BYTES;
+    server
+        .layer(paxos_commit_proto::limits::layer())
         .add_service(health)
-        .add_service(CoordinatorServer::new(handle.clone()))
-        .add_service(AcceptorServer::new(handle))
+        .add_service(CoordinatorServer::new(handle.clone()).max_decoding_message_size(max))
+        .add_service(AcceptorServer::new(handle).max_decoding_message_size(max))
         .serve_with_shutdown(addr, shutdown)
         .await
         .map_err(|e| CoordinatorError::InvalidArgument(format!("serving on {addr}: {e}")))

@@ -116,23 +116,11 @@ pub struct HeuristicCheck {
 }
 
 fn state_name(s: i32) -> String {
-    match pb::TxnState::try_from(s).unwrap_or(pb::TxnState::Unspecified) {
-        pb::TxnState::InProgress => "in progress",
-        pb::TxnState::Committed => "committed",
-        pb::TxnState::Aborted => "aborted",
-        pb::TxnState::Unknown => "unknown",
-        pb::TxnState::Unspecified => "unspecified",
-    }
-    .to_string()
+    paxos_commit_proto::heuristic::state_name(s).to_string()
 }
 
 fn vote_name(v: i32) -> String {
-    match pb::Vote::try_from(v).unwrap_or(pb::Vote::Unspecified) {
-        pb::Vote::Prepared => "prepared",
-        pb::Vote::Aborted => "aborted",
-        pb::Vote::Unspecified => "?",
-    }
-    .to_string()
+    paxos_commit_proto::heuristic::vote_name(v).to_string()
 }
 
 fn view(r: &pb::StatusResponse) -> TxnView {
@@ -176,8 +164,10 @@ fn outcome_name(o: Outcome) -> String {
 
 impl Deployment {
     pub fn new(cfg: ReplicaConfig, timeout: Duration) -> Result<Deployment, OpsError> {
-        let chan =
-            |a: &str| lazy_channel(a, Some(timeout)).map_err(|e| OpsError::Invalid(e.to_string()));
+        let chan = |a: &str| {
+            lazy_channel(a, Some(timeout), &cfg.security)
+                .map_err(|e| OpsError::Invalid(e.to_string()))
+        };
         let replicas = cfg
             .replicas
             .iter()
@@ -215,25 +205,6 @@ impl Deployment {
             }
         }
         Err(OpsError::Unreachable(last))
-    }
-
-    /// Each replica's own record of the transaction (for heuristic checks).
-    async fn local_statuses(&self, txid: &str) -> Vec<(u32, Result<pb::StatusResponse, Status>)> {
-        let asks = self.replicas.iter().enumerate().map(|(i, r)| {
-            let mut r = r.clone();
-            let txid = txid.to_string();
-            async move {
-                let res = r
-                    .get_status(pb::StatusRequest {
-                        txid,
-                        local_only: true,
-                    })
-                    .await
-                    .map(tonic::Response::into_inner);
-                (i as u32, res)
-            }
-        });
-        futures::future::join_all(asks).await
     }
 
     async fn prepared_by_agent(
@@ -475,87 +446,13 @@ impl Deployment {
             ));
             return Err((check, e));
         }
-        let mut contradiction = None;
-        let mut participants: Vec<String> = Vec::new();
-        let mut prepared_votes: BTreeMap<String, bool> = BTreeMap::new();
-        for (i, r) in self.local_statuses(&check.txid).await {
-            let r = match r {
-                Ok(r) => r,
-                Err(s) => {
-                    check.replicas_unreachable.push(i);
-                    check
-                        .checks
-                        .push(format!("replica {i}: unreachable ({})", s.message()));
-                    continue;
-                }
-            };
-            check.replicas_reached.push(i);
-            let v = view(&r);
-            check.checks.push(format!(
-                "replica {i}: state {}, {} participant(s) known",
-                v.state,
-                v.participants.len()
-            ));
-            let decided = match v.state.as_str() {
-                "committed" => Some(Outcome::Committed),
-                "aborted" => Some(Outcome::Aborted),
-                _ => None,
-            };
-            if let Some(d) = decided {
-                if d != asked {
-                    contradiction.get_or_insert(format!("replica {i} knows the decision: {d}"));
-                }
-            }
-            for p in &v.participants {
-                if !participants.contains(&p.id) {
-                    participants.push(p.id.clone());
-                }
-                for vote in &p.votes {
-                    check.checks.push(format!(
-                        "replica {i}: {} voted {} in ballot {}",
-                        p.id, vote.vote, vote.ballot
-                    ));
-                    if vote.vote == "prepared" {
-                        prepared_votes.insert(p.id.clone(), true);
-                    }
-                    if vote.vote == "aborted" && asked == Outcome::Committed {
-                        contradiction.get_or_insert(format!(
-                            "replica {i} accepted an Aborted vote for {}",
-                            p.id
-                        ));
-                    }
-                }
-            }
-        }
-        // Abort contradicts a transaction that may have committed: every participant has a
-        // Prepared vote on record. Commit contradicts one where some participant never
-        // prepared (its work was rolled back), or where the set of participants is unknown.
-        match asked {
-            Outcome::Aborted => {
-                if !participants.is_empty()
-                    && participants.iter().all(|p| prepared_votes.contains_key(p))
-                {
-                    contradiction.get_or_insert(
-                        "every participant has a Prepared vote on record: it may have committed"
-                            .to_string(),
-                    );
-                }
-            }
-            Outcome::Committed => {
-                if participants.is_empty() {
-                    contradiction.get_or_insert(
-                        "no reachable replica knows the participants: committing one branch \
-                         alone could break atomicity"
-                            .to_string(),
-                    );
-                }
-                for p in &participants {
-                    if !prepared_votes.contains_key(p) {
-                        contradiction.get_or_insert(format!("no Prepared vote of {p} on record"));
-                    }
-                }
-            }
-        }
+        let statuses =
+            paxos_commit_proto::heuristic::local_statuses(&self.replicas, &check.txid).await;
+        let group = paxos_commit_proto::heuristic::check(asked, &statuses);
+        check.replicas_reached = group.replicas_reached;
+        check.replicas_unreachable = group.replicas_unreachable;
+        check.checks = group.checks;
+        let contradiction = group.contradiction;
         check.contradiction = contradiction.clone();
         if let Some(c) = contradiction {
             return Err((check, OpsError::Refused(c)));
@@ -573,6 +470,7 @@ impl Deployment {
         let req = pb::HeuristicRequest {
             gid: gid.to_string(),
             outcome: outcome_to_pb(asked),
+            force,
         };
         match agent.heuristic(req).await {
             Ok(_) => {

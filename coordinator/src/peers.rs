@@ -11,11 +11,9 @@ use paxos_commit_proto::convert::{enlisted_to_pb, msg_to_pb};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::agent_client::AgentClient;
-use paxos_commit_proto::sender;
+use paxos_commit_proto::sender::{self, Link};
+use paxos_commit_proto::tls::Security;
 use std::collections::{BTreeMap, HashMap};
-use tokio::sync::mpsc;
-
-type Link = mpsc::UnboundedSender<pb::PaxosMessage>;
 
 pub struct Peers {
     me: ReplicaId,
@@ -24,6 +22,7 @@ pub struct Peers {
     agents: HashMap<String, Link>,
     /// Messages sent, by kind (the protocol-cost figures).
     pub sent: BTreeMap<&'static str, u64>,
+    security: Security,
 }
 
 pub fn kind(msg: &Msg) -> &'static str {
@@ -45,6 +44,7 @@ impl Peers {
     pub fn start(
         me: ReplicaId,
         replicas: &[String],
+        security: Security,
     ) -> Result<Peers, paxos_commit_proto::client::ClientError> {
         let mut senders = Vec::with_capacity(replicas.len());
         for (i, address) in replicas.iter().enumerate() {
@@ -53,7 +53,7 @@ impl Peers {
                 continue;
             }
             // No per-call timeout: the channel carries one long-lived stream.
-            let client = AcceptorClient::new(lazy_channel(address, None)?);
+            let client = AcceptorClient::new(lazy_channel(address, None, &security)?);
             senders.push(Some(sender::to_replica(client)));
         }
         Ok(Peers {
@@ -61,6 +61,7 @@ impl Peers {
             replicas: senders,
             agents: HashMap::new(),
             sent: BTreeMap::new(),
+            security,
         })
     }
 
@@ -70,7 +71,7 @@ impl Peers {
         match to {
             Dest::Replica(r) => {
                 if let Some(Some(tx)) = self.replicas.get(r as usize) {
-                    let _ = tx.send(wire);
+                    tx.send(wire);
                 }
             }
             Dest::Agent(p) => self.send_to_agent(&p, wire),
@@ -85,13 +86,13 @@ impl Peers {
 
     fn send_to_agent(&mut self, p: &Participant, wire: pb::PaxosMessage) {
         if let Some(link) = self.agents.get(&p.address) {
-            let _ = link.send(wire);
+            link.send(wire);
             return;
         }
-        match lazy_channel(&p.address, None) {
+        match lazy_channel(&p.address, None, &self.security) {
             Ok(ch) => {
                 let link = sender::to_agent(AgentClient::new(ch));
-                let _ = link.send(wire);
+                link.send(wire);
                 self.agents.insert(p.address.clone(), link);
             }
             Err(e) => tracing::warn!(participant = %p.id, "cannot reach agent: {e}"),

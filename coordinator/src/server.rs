@@ -1,18 +1,24 @@
-//! The gRPC face of a replica: thin handlers that parse, forward a command to the driver,
-//! and map the answer (or its absence) to a reply or a status.
+//! The gRPC face of a replica: thin handlers that check who is calling, parse, forward a
+//! command to the driver, and map the answer (or its absence) to a reply or a status.
+//!
+//! Who may call what follows DESIGN.md's table and is decided from the caller's certificate
+//! ([`Gate`]): only replicas speak Paxos, each as itself and only with its own ballots; an
+//! agent speaks only for its own participant (its enlistment, its ballot-0 vote, its
+//! acknowledgement); clients run transactions; operators read and resolve.
 
 use crate::config::ReplicaConfig;
 use crate::driver::{Command, Decision, Info, Until};
 use crate::error::CoordinatorError;
 use paxos_commit_core::status::{combine, TxnState};
-use paxos_commit_core::{LocalStatus, TxnError, TxnId};
+use paxos_commit_core::{LocalStatus, Msg, ReplicaId, TxnError, TxnId};
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::convert::{
-    delivered_from_pb, outcome_to_pb, participant_from_pb, participant_to_pb, participants_from_pb,
-    txid_from_pb, vote_to_pb, Delivered,
+    checked_participants_from_pb, delivered_from_pb, outcome_to_pb, participant_from_pb,
+    participant_id_from_pb, participant_to_pb, txid_from_pb, vote_to_pb, Delivered,
 };
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
+use paxos_commit_proto::tls::{Caller, Gate, Kind};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +32,7 @@ pub struct Handle {
     commands: mpsc::UnboundedSender<Command>,
     /// Other replicas, for GetStatus answers that need more than this replica knows.
     peers: Arc<Vec<Option<CoordinatorClient<Channel>>>>,
+    gate: Gate,
 }
 
 impl Handle {
@@ -41,12 +48,13 @@ impl Handle {
                 if i as u32 == cfg.id {
                     return Ok(None);
                 }
-                lazy_channel(a, Some(Duration::from_secs(1)))
+                lazy_channel(a, Some(Duration::from_secs(1)), &cfg.security)
                     .map(|c| Some(CoordinatorClient::new(c)))
                     .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Handle {
+            gate: Gate::new(&cfg.security, cfg.max_concurrent_calls),
             cfg,
             commands,
             peers: Arc::new(peers),
@@ -185,10 +193,20 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Coordinator.Begin", &[Kind::Client])?;
         let timeout_ms = req.into_inner().timeout_ms;
         let (txn, deadline) = self
             .ask(|reply| Command::Begin { timeout_ms, reply })
-            .await?;
+            .await?
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "this replica leads {} open transactions already (max_open_transactions); \
+                     commit or abort some, or begin on another replica",
+                    self.cfg.max_open_transactions
+                ))
+            })?;
         Ok(Response::new(pb::BeginResponse {
             txid: txn.to_string(),
             leader: self.cfg.id,
@@ -201,6 +219,9 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Coordinator.Prepare", &[Kind::Client])?;
         let txn = parse_txid(&req.into_inner().txid)?;
         self.decision(txn, |reply| Command::Commit {
             txn,
@@ -214,6 +235,9 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Coordinator.Commit", &[Kind::Client])?;
         let req = req.into_inner();
         let txn = parse_txid(&req.txid)?;
         let until = self.until(req.return_on_decision);
@@ -225,6 +249,9 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Coordinator.Abort", &[Kind::Client])?;
         let txn = parse_txid(&req.into_inner().txid)?;
         let until = self.until(false);
         self.decision(txn, |reply| Command::Abort { txn, until, reply })
@@ -235,6 +262,11 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        let _admitted = self.gate.admit(
+            &req,
+            "Coordinator.GetStatus",
+            &[Kind::Client, Kind::Operator, Kind::Replica, Kind::Agent],
+        )?;
         let req = req.into_inner();
         let txn = parse_txid(&req.txid)?;
         let (local, _) = self.local_status(txn).await?;
@@ -275,10 +307,29 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let (caller, _permit) =
+            self.gate
+                .admit(&req, "Coordinator.Resolve", &[Kind::Agent, Kind::Operator])?;
         let req = req.into_inner();
         let txn = parse_txid(&req.txid)?;
-        let participant = Some(req.participant).filter(|p| !p.is_empty());
-        let participants = participants_from_pb(&req.participants);
+        if let Caller::Peer(paxos_commit_proto::tls::Role::Agent(own)) = &caller {
+            // An agent asks about its own instance only: the instance it names is one the
+            // takeover may settle.
+            if !req.participant.is_empty() && &req.participant != own {
+                return Err(Status::permission_denied(format!(
+                    "agent {own} may not resolve on behalf of participant {}",
+                    req.participant
+                )));
+            }
+        }
+        let bad = |e: paxos_commit_proto::convert::BadMessage| {
+            Status::from(CoordinatorError::InvalidArgument(e.to_string()))
+        };
+        let participants = checked_participants_from_pb(&req.participants).map_err(bad)?;
+        let participant = match req.participant.as_str() {
+            "" => None,
+            p => Some(participant_id_from_pb(p).map_err(bad)?),
+        };
         self.decision(txn, |reply| Command::Resolve {
             txn,
             participant,
@@ -290,8 +341,13 @@ impl pb::coordinator_server::Coordinator for Handle {
 
     async fn cluster_info(
         &self,
-        _req: Request<pb::Empty>,
+        req: Request<pb::Empty>,
     ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        let _admitted = self.gate.admit(
+            &req,
+            "Coordinator.ClusterInfo",
+            &[Kind::Operator, Kind::Replica],
+        )?;
         let info = self.info().await?;
         Ok(Response::new(pb::ClusterInfoResponse {
             replica: self.cfg.id,
@@ -346,22 +402,82 @@ fn view_from_pb(r: &pb::StatusResponse) -> LocalStatus {
     view
 }
 
+/// Who may send this message, judged from the caller's certificate: the sender replica a
+/// message is attributed to, or a denial. A replica sends only as itself and proposes only
+/// in ballots it owns; ballot 0 and the enlistment messages belong to the participant's own
+/// agent.
+fn authorize(caller: &Caller, d: &Delivered, replicas: u32) -> Result<ReplicaId, Status> {
+    let deny = |what: String| {
+        tracing::warn!(caller = %caller.name(), "refused a message: {what}");
+        Err(Status::permission_denied(format!(
+            "{} may not send {what}",
+            caller.name()
+        )))
+    };
+    let agent_only = |participant: &str, what: &str| {
+        if caller.is_agent(participant) {
+            Ok(0)
+        } else {
+            deny(format!("{what} for participant {participant}"))
+        }
+    };
+    match d {
+        Delivered::Enlist { participant, .. } => agent_only(&participant.id, "an enlistment"),
+        Delivered::Applied { participant, .. } => agent_only(participant, "an acknowledgement"),
+        Delivered::Enlisted { .. } => deny("Enlisted (an answer to agents)".into()),
+        Delivered::Msg(
+            _,
+            Msg::Phase2a {
+                participant,
+                ballot: 0,
+                ..
+            },
+        ) => agent_only(participant, "a ballot-0 vote"),
+        Delivered::Msg(claimed, msg) => {
+            let Some(from) = caller.replica_or(*claimed) else {
+                return deny(format!("a Paxos message ({})", crate::peers::kind(msg)));
+            };
+            if from != *claimed {
+                return deny(format!(
+                    "a message signed as replica {claimed} (its certificate says replica {from})"
+                ));
+            }
+            let proposed = match msg {
+                Msg::Phase1a { ballot, .. } | Msg::Phase2a { ballot, .. } => Some(*ballot),
+                Msg::Prepare { .. } | Msg::Decide { .. } => {
+                    return deny("an agent's message to a replica".into())
+                }
+                _ => None,
+            };
+            if let Some(ballot) = proposed {
+                let owner = paxos_commit_core::types::ballot_owner(ballot, replicas);
+                if owner != from {
+                    return deny(format!("ballot {ballot}, which belongs to replica {owner}"));
+                }
+            }
+            Ok(from)
+        }
+    }
+}
+
 impl Handle {
     /// Paxos messages go to the core as one command; the agents' enlistments and
     /// acknowledgements as commands of their own. A malformed message fails the whole batch
     /// before any of it is applied.
-    fn deliver_batch(&self, batch: &pb::PaxosBatch) -> Result<(), Status> {
+    fn deliver_batch(&self, caller: &Caller, batch: &pb::PaxosBatch) -> Result<(), Status> {
         let delivered = batch
             .messages
             .iter()
             .map(delivered_from_pb)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let replicas = self.cfg.replicas.len() as u32;
         let mut msgs = Vec::with_capacity(delivered.len());
         let mut others = Vec::new();
         for d in delivered {
+            let from = authorize(caller, &d, replicas)?;
             match d {
-                Delivered::Msg(from, msg) => msgs.push((from, msg)),
+                Delivered::Msg(_, msg) => msgs.push((from, msg)),
                 Delivered::Enlist { txn, participant } => {
                     others.push(Command::Enlist { txn, participant })
                 }
@@ -391,7 +507,10 @@ impl Handle {
 #[tonic::async_trait]
 impl pb::acceptor_server::Acceptor for Handle {
     async fn deliver(&self, req: Request<pb::PaxosBatch>) -> Result<Response<pb::Empty>, Status> {
-        self.deliver_batch(&req.into_inner())?;
+        let caller = self
+            .gate
+            .allow(&req, "Acceptor.Deliver", &[Kind::Replica, Kind::Agent])?;
+        self.deliver_batch(&caller, &req.into_inner())?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -399,9 +518,14 @@ impl pb::acceptor_server::Acceptor for Handle {
         &self,
         req: Request<tonic::Streaming<pb::PaxosBatch>>,
     ) -> Result<Response<pb::Empty>, Status> {
+        let caller = self.gate.allow(
+            &req,
+            "Acceptor.DeliverStream",
+            &[Kind::Replica, Kind::Agent],
+        )?;
         let mut stream = req.into_inner();
         while let Some(batch) = stream.message().await? {
-            self.deliver_batch(&batch)?;
+            self.deliver_batch(&caller, &batch)?;
         }
         Ok(Response::new(pb::Empty {}))
     }

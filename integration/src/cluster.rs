@@ -7,12 +7,14 @@
 //! proxy of [`crate::proxy`], one per directed link, so that a test can partition, delay and
 //! break the network between them.
 
+use crate::certs::{Files, TestPki};
 use crate::pg::PgCluster;
 use crate::process::{binary_path, free_port, Proc, TestDir};
 use crate::proxy::{Net, Node, Source};
 use anyhow::{bail, Context, Result};
 use paxos_commit_proto::client::{Client, ClientConfig};
 use paxos_commit_proto::pb;
+use paxos_commit_proto::tls::{Role, Tls};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +42,9 @@ pub struct Spec {
     pub replica_env: BTreeMap<usize, Vec<(String, String)>>,
     /// Route every link between components through a fault proxy (see [`Spec::with_proxies`]).
     pub proxies: bool,
+    /// Plaintext instead of mutual TLS (every process started `insecure`): for the benchmark
+    /// that measures what TLS costs, and nothing else.
+    pub insecure: bool,
 }
 
 impl Spec {
@@ -102,6 +107,7 @@ impl Spec {
             agent_env: BTreeMap::new(),
             replica_env: BTreeMap::new(),
             proxies: false,
+            insecure: false,
             env: vec![(
                 "RUST_LOG".to_string(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -117,8 +123,14 @@ pub struct Cluster {
     pub agents: BTreeMap<String, Proc>,
     pub agent_addrs: BTreeMap<String, String>,
     pub pgs: BTreeMap<String, PgCluster>,
-    /// The client of the deployment; through the proxies when they are on.
+    /// The client of the deployment (certificate `client/test`); through the proxies when
+    /// they are on.
     pub client: Client,
+    /// An operator's client (certificate `operator/test`), direct: ClusterInfo, ListPrepared,
+    /// Decide and Heuristic are operators' calls.
+    pub operator: Client,
+    /// The deployment's CA and certificates; `None` when the spec is insecure.
+    pub pki: Option<TestPki>,
     /// Where clients reach the replicas: the proxies' addresses, or `replica_addrs`.
     pub client_replica_addrs: Vec<String>,
     /// Where clients reach the agents: the proxies' addresses, or `agent_addrs`.
@@ -146,6 +158,17 @@ fn addr(port: u16) -> String {
 impl Cluster {
     pub async fn start(spec: Spec) -> Result<Cluster> {
         let dir = TestDir::new(&spec.name)?;
+        let pki = if spec.insecure {
+            None
+        } else {
+            Some(TestPki::new(&dir.join("certs"), &spec.group)?)
+        };
+        let security_args = |role: Role| -> Result<Vec<String>> {
+            Ok(match &pki {
+                Some(pki) => pki.files(&role)?.args(),
+                None => vec!["--insecure".into(), "true".into()],
+            })
+        };
         let names: Vec<&str> = spec.participants.iter().map(String::as_str).collect();
         let pgs = tokio::task::block_in_place(|| PgCluster::start_all(&names))?;
         let pgs: BTreeMap<String, PgCluster> = spec.participants.iter().cloned().zip(pgs).collect();
@@ -166,7 +189,8 @@ impl Cluster {
         let coordinator = binary_path("coordinator")?;
         let mut replicas = Vec::new();
         for i in 0..spec.replicas {
-            let args = vec![
+            let mut args = security_args(Role::Replica(i as u32))?;
+            args.extend([
                 "--id".into(),
                 i.to_string(),
                 "--group".into(),
@@ -179,7 +203,7 @@ impl Cluster {
                 spec.takeover_after_ms.to_string(),
                 "--commit-timeout-ms".into(),
                 spec.commit_timeout_ms.to_string(),
-            ];
+            ]);
             let mut env = spec.env.clone();
             env.extend(spec.replica_env.get(&i).cloned().unwrap_or_default());
             replicas.push(Proc::spawn(
@@ -196,7 +220,8 @@ impl Cluster {
         let mut agent_addrs = BTreeMap::new();
         for (p, pg) in &pgs {
             let listen = agent_listen[p].clone();
-            let mut args = vec![
+            let mut args = security_args(Role::Agent(p.clone()))?;
+            args.extend([
                 "--participant".into(),
                 p.clone(),
                 "--group".into(),
@@ -211,7 +236,7 @@ impl Cluster {
                 spec.branch_timeout_ms.to_string(),
                 "--in-doubt-after-ms".into(),
                 spec.in_doubt_after_ms.to_string(),
-            ];
+            ]);
             if let Some(advertise) = routes.agent_advertise.get(p) {
                 args.extend(["--advertise".into(), advertise.clone()]);
             }
@@ -230,13 +255,23 @@ impl Cluster {
             agent_addrs.insert(p.clone(), listen);
         }
 
+        let tls = |role: Role| pki.as_ref().map(|p| p.tls(&role)).transpose();
         let client = Client::new(&ClientConfig {
             replicas: routes.client_replicas.clone(),
             agents: routes.client_agents.clone(),
             rpc_timeout: Some(Duration::from_secs(30)),
+            tls: tls(Role::Client("test".into()))?,
+        })?;
+        let operator = Client::new(&ClientConfig {
+            replicas: replica_addrs.clone(),
+            agents: agent_addrs.clone(),
+            rpc_timeout: Some(Duration::from_secs(30)),
+            tls: tls(Role::Operator("test".into()))?,
         })?;
         let cluster = Cluster {
             spec,
+            operator,
+            pki,
             replicas,
             replica_addrs,
             agents,
@@ -264,7 +299,23 @@ impl Cluster {
             replicas: self.client_replica_addrs.clone(),
             agents: self.client_agent_addrs.clone(),
             rpc_timeout: Some(rpc_timeout),
+            tls: self.client_tls(),
         }
+    }
+
+    /// The test client's certificate (`client/test`), unless the cluster is insecure.
+    pub fn client_tls(&self) -> Option<Arc<Tls>> {
+        self.tls_as(&Role::Client("test".into()))
+    }
+
+    /// A certificate of this deployment's CA for any role (`None` when insecure).
+    pub fn tls_as(&self, role: &Role) -> Option<Arc<Tls>> {
+        self.pki.as_ref().and_then(|p| p.tls(role).ok())
+    }
+
+    /// The PEM files of a role, for a command line (txctl's, say).
+    pub fn tls_files(&self, role: &Role) -> Result<Option<Files>> {
+        self.pki.as_ref().map(|p| p.files(role)).transpose()
     }
 
     /// A client on the real addresses, bypassing the proxies (for checks after a fault test).
@@ -273,6 +324,7 @@ impl Cluster {
             replicas: self.replica_addrs.clone(),
             agents: self.agent_addrs.clone(),
             rpc_timeout: Some(Duration::from_secs(30)),
+            tls: self.client_tls(),
         })?)
     }
 
@@ -329,6 +381,11 @@ impl Cluster {
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// The gid under which participant `p` prepares transaction `txid`.
+    pub fn prepared_gid(&self, p: &str, txid: &str) -> String {
+        format!("pxc:{}:{txid}:{p}", self.spec.group)
     }
 
     /// Waits until no participant's database holds a prepared transaction of ours.

@@ -566,6 +566,34 @@ impl PgCluster {
         self.start_again()
     }
 
+    /// Turns TLS on (server certificate and key in PEM) and reloads the configuration; kept
+    /// across restarts. Plaintext connections stay allowed: the client decides.
+    pub async fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.data_dir();
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = dir.join(name);
+            fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            // PostgreSQL refuses a key that others may read.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            if let Some(user) = self.os_user {
+                std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                    .with_context(|| format!("chown {}", path.display()))?;
+            }
+        }
+        let conf = dir.join("postgresql.conf");
+        let mut text =
+            fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
+        self.connect()
+            .await?
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("reloading the configuration")?;
+        Ok(())
+    }
+
     /// A client for the cluster's database; the connection runs on a spawned tokio task.
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         connect_url(&self.url())

@@ -133,8 +133,8 @@ async fn prepare_cancelled_mid_flight_leaves_nothing_prepared() -> Result<()> {
         .db(A)
         .await?
         .query(
-            "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'PREPARE TRANSACTION%' \
-             AND state = 'active'",
+            "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%PREPARE TRANSACTION%' \
+             AND state = 'active' AND pid <> pg_backend_pid()",
             &[],
         )
         .await?
@@ -218,7 +218,8 @@ async fn execute_cancelled_while_enlisting_leaves_no_open_transaction() -> Resul
     // Finishing a decision for a branch the agent no longer tracks (as after a restart, or a
     // late resend) takes a pooled connection for COMMIT/ROLLBACK PREPARED; on the leaked one
     // it fails, and leaves that connection in an aborted transaction block.
-    let mut agent = c.client.agent(A)?;
+    // (An operator's Decide, which the agent checks with the group: it aborts these.)
+    let mut agent = c.operator.agent(A)?;
     let mut decide_errors = Vec::new();
     for i in 0..8u64 {
         let req = pb::DecideRequest {

@@ -61,7 +61,7 @@ impl Counters {
 async fn counters(cluster: &Cluster) -> Result<Vec<Counters>> {
     let mut out = Vec::new();
     for i in 0..cluster.client.replica_count() {
-        let mut replica = cluster.client.replica(i).context("replica client")?;
+        let mut replica = cluster.operator.replica(i).context("replica client")?;
         let info = replica
             .cluster_info(pb::Empty {})
             .await
@@ -124,7 +124,7 @@ async fn one_commit(
 /// Acceptances (ballot 0, Prepared) that replica `i` holds for `txid`: one per phase 2a an
 /// agent delivered to it.
 async fn acceptances(cluster: &Cluster, i: usize, txid: &str, n: usize) -> Result<u64> {
-    let mut replica = cluster.client.replica(i).context("replica client")?;
+    let mut replica = cluster.operator.replica(i).context("replica client")?;
     let status = replica
         .get_status(pb::StatusRequest {
             txid: txid.to_string(),

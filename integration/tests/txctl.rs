@@ -8,6 +8,7 @@ use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::process::binary_path;
 use paxos_commit_proto::client::{Client, ClientConfig};
+use paxos_commit_proto::tls::Role;
 use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
@@ -33,13 +34,21 @@ impl Txctl {
             .iter()
             .map(|(p, a)| format!("{p}={a}"))
             .collect();
+        let mut env: Vec<(String, String)> = vec![
+            ("PAXOS_COMMIT_REPLICAS".into(), c.replica_addrs.join(",")),
+            ("PAXOS_COMMIT_AGENTS".into(), agents.join(",")),
+            ("PAXOS_COMMIT_GROUP".into(), c.spec.group.clone()),
+        ];
+        if let Some(f) = c.tls_files(&Role::Operator("test".into()))? {
+            env.extend([
+                ("PAXOS_COMMIT_TLS_CA".into(), f.ca.display().to_string()),
+                ("PAXOS_COMMIT_TLS_CERT".into(), f.cert.display().to_string()),
+                ("PAXOS_COMMIT_TLS_KEY".into(), f.key.display().to_string()),
+            ]);
+        }
         Ok(Txctl {
             bin: binary_path("txctl")?,
-            env: vec![
-                ("PAXOS_COMMIT_REPLICAS".into(), c.replica_addrs.join(",")),
-                ("PAXOS_COMMIT_AGENTS".into(), agents.join(",")),
-                ("PAXOS_COMMIT_GROUP".into(), c.spec.group.clone()),
-            ],
+            env,
         })
     }
 
@@ -96,6 +105,7 @@ async fn operator_finds_and_resolves_in_doubt_transactions() -> Result<()> {
         replicas: vec![c.replica_addrs[0].clone()],
         agents: c.agent_addrs.clone(),
         rpc_timeout: None,
+        tls: c.client_tls(),
     })?;
     let (t1, outcome) = bank::transfer(&leader_only, (A, 1), (B, 1), 10).await?;
     c.replicas[0].wait_exit(Duration::from_secs(5))?;

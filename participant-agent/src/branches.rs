@@ -3,12 +3,24 @@
 //!
 //! The only durable state is PostgreSQL's own: a branch this process lost (crash, restart)
 //! is either in `pg_prepared_xacts` under its gid, and is finished from there, or was rolled
-//! back by PostgreSQL when its connection dropped.
+//! back by PostgreSQL when its connection dropped. A branch that commits also leaves a row in
+//! `paxos_commit.committed`, written in its own transaction: the proof, after its gid is gone,
+//! of which way it was finished.
+//!
+//! A client's statement can never end, prepare or escape its branch's transaction: the guard
+//! (`guard.rs`) refuses what could, PostgreSQL is asked after every statement whether the
+//! connection is still in the branch's transaction (`paxos_commit.branch`, set with SET LOCAL
+//! at BEGIN, and the transaction's start time), and PREPARE TRANSACTION runs only behind
+//! `paxos_commit.assert_branch` and counts only once the gid is seen in `pg_prepared_xacts`.
+//! Each connection's session is reset when a branch takes it.
 
+use crate::config::AgentConfig;
 use crate::coordinators::Coordinators;
 use crate::error::AgentError;
-use crate::values;
+use crate::guard;
+use crate::values::{self, PgTimestamp};
 use deadpool_postgres::{Object, Pool};
+use futures::TryStreamExt;
 use paxos_commit_core::types::{gid, parse_gid};
 use paxos_commit_core::{Outcome, Participant, TxnId, Vote};
 use paxos_commit_proto::pb;
@@ -16,16 +28,89 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+
+/// The most parameters one statement can have: the protocol counts them in 16 bits.
+pub const MAX_PARAMS: usize = 65535;
+
+/// Run on every connection the agent takes from the pool, before anything else and as its
+/// own implicit transaction (inside a branch's transaction a rollback would undo it): whatever
+/// session state an earlier branch left is gone. Settings made with `set_config(.., false)`
+/// (RESET ALL), a role or session user set the same way (RESET ALL leaves those), session
+/// advisory locks, LISTEN from dynamic SQL, temporary tables (which would shadow the next
+/// branch's tables of the same name), sequence state. Cursors need no CLOSE ALL: only
+/// DECLARE, which the guard refuses, makes one outlive its transaction. DISCARD ALL and
+/// DEALLOCATE are not here: the pool's statement cache must stay valid. About 0.1 ms of
+/// server time, in the same round trip as the branch's first statement.
+const CLEAN_SESSION: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
+     SELECT pg_catalog.pg_advisory_unlock_all(); UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
+
+/// What PostgreSQL says about the transaction a connection is in: the branch marker and the
+/// transaction's start time. The marker alone could be forged with `set_config`; the start
+/// time cannot, and changes whenever a transaction ends. Schema-qualified, so a branch's
+/// search_path cannot substitute its own functions.
+const MARK_SQL: &str =
+    "SELECT pg_catalog.current_setting('paxos_commit.branch', true), pg_catalog.now()";
+
+const IS_PREPARED_SQL: &str = "SELECT 1 FROM pg_catalog.pg_prepared_xacts \
+     WHERE gid = $1 AND database = pg_catalog.current_database()";
+
+/// How often committed proofs older than the retention are pruned, at most.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Proofs deleted per statement while pruning, so one prune never holds many locks long.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// The limits and settings every branch runs with.
+#[derive(Debug, Clone)]
+pub struct BranchSettings {
+    /// A statement waiting this long for a lock fails: PostgreSQL cannot see a deadlock that
+    /// spans two databases, so the wait must end on its own.
+    pub lock_timeout: Duration,
+    /// A statement running this long is cancelled (zero: no limit).
+    pub statement_timeout: Duration,
+    /// Longest SQL text accepted.
+    pub max_statement_bytes: usize,
+    /// Largest result returned (about its size in the response).
+    pub max_result_bytes: usize,
+    /// Branches open (not prepared yet) at once; each holds a pooled connection.
+    pub max_open_branches: usize,
+    /// How long a commit proof stays in `paxos_commit.committed`. A decision that arrives
+    /// later than this for a gid that is gone cannot be checked any more.
+    pub commit_proof_retention: Duration,
+}
+
+impl BranchSettings {
+    pub fn from_config(cfg: &AgentConfig) -> BranchSettings {
+        BranchSettings {
+            lock_timeout: cfg.lock_timeout,
+            statement_timeout: cfg.statement_timeout,
+            max_statement_bytes: cfg.max_statement_bytes,
+            max_result_bytes: cfg.max_result_bytes,
+            max_open_branches: cfg.max_open_branches,
+            commit_proof_retention: cfg.commit_proof_retention,
+        }
+    }
+}
 
 enum State {
-    /// Created by the first Execute, not begun yet.
-    New,
-    /// A PostgreSQL transaction is open on `conn`; `failed` once a statement failed (the
-    /// branch can then only roll back).
+    /// Created by the first Execute, not begun yet. Holds one of the open-branch slots.
+    New {
+        slot: OwnedSemaphorePermit,
+    },
+    /// A PostgreSQL transaction is open on `conn`, begun at `started` (PostgreSQL's clock);
+    /// `failed` once a statement failed (the branch can then only roll back).
     Open {
         conn: Box<Object>,
         failed: Option<String>,
+        started: PgTimestamp,
+        slot: OwnedSemaphorePermit,
+    },
+    /// A statement left the branch's transaction. Its connection was closed (PostgreSQL
+    /// rolled back whatever it still had open); the branch can only abort.
+    Failed {
+        reason: String,
     },
     /// `PREPARE TRANSACTION` succeeded; the vote was Prepared.
     Prepared {
@@ -44,12 +129,19 @@ enum State {
 impl State {
     fn name(&self) -> &'static str {
         match self {
-            State::New | State::Open { .. } => "open",
+            State::New { .. } | State::Open { .. } | State::Failed { .. } => "open",
             State::Prepared { .. } => "prepared",
             State::Uncertain { .. } => "preparing",
             State::Done(Outcome::Committed) => "committed",
             State::Done(Outcome::Aborted) => "aborted",
         }
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(
+            self,
+            State::New { .. } | State::Open { .. } | State::Failed { .. }
+        )
     }
 }
 
@@ -89,43 +181,126 @@ pub struct PreparedRow {
 
 pub struct Branches {
     group: String,
-    /// BEGIN with a lock timeout: PostgreSQL cannot see a deadlock that spans two
-    /// databases, so a branch waiting on a lock gives up and its transaction aborts.
-    begin_sql: String,
+    settings: BranchSettings,
     pool: Pool,
     coordinators: Coordinators,
     branches: Mutex<HashMap<TxnId, Arc<Branch>>>,
+    /// One permit per branch that is open (not prepared yet).
+    open_slots: Arc<Semaphore>,
+    last_prune: Mutex<Instant>,
+    pruning: Arc<AtomicBool>,
 }
 
-/// Statements that would take the branch's fate away from the coordinator.
-fn is_transaction_control(sql: &str) -> bool {
-    let mut words = sql
-        .split_whitespace()
-        .map(|w| w.trim_end_matches(';').to_ascii_uppercase());
-    let first = words.next().unwrap_or_default();
-    match first.as_str() {
-        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" => true,
-        "PREPARE" => words.next().as_deref() == Some("TRANSACTION"),
-        _ => false,
+/// What PostgreSQL said about a connection's transaction (see [`MARK_SQL`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mark {
+    branch: Option<String>,
+    started: PgTimestamp,
+}
+
+async fn mark(conn: &Object) -> Result<Mark, tokio_postgres::Error> {
+    let rows = conn.query_typed(MARK_SQL, &[]).await?;
+    match rows.first() {
+        Some(row) => Ok(Mark {
+            branch: row.try_get(0)?,
+            started: row.try_get(1)?,
+        }),
+        // A SELECT without FROM returns one row; anything else is not PostgreSQL talking.
+        None => Ok(Mark {
+            branch: None,
+            started: PgTimestamp(i64::MIN),
+        }),
     }
 }
 
+/// A statement's own result, and — when it ran — what PostgreSQL said right after it about
+/// the transaction (the two are pipelined: one round trip).
+struct Ran {
+    result: Result<pb::ExecuteResponse, AgentError>,
+    after: Option<Result<Mark, tokio_postgres::Error>>,
+}
+
+/// What a statement means for its branch.
+enum Verdict {
+    Done(pb::ExecuteResponse),
+    /// Refused before it ran; the branch goes on.
+    Refused(AgentError),
+    /// It failed, or ran and cannot be reported: the branch can only roll back.
+    Failed(AgentError),
+    /// It left the branch's transaction: the connection must not be used again.
+    Escaped(AgentError),
+}
+
+fn judge(txn: TxnId, expected: &Mark, ran: Ran) -> Verdict {
+    let escaped = |detail: String| Verdict::Escaped(AgentError::LeftTransaction { txn, detail });
+    match ran.after {
+        None => {}
+        Some(Ok(mark)) if mark == *expected => {}
+        Some(Ok(mark)) => {
+            let detail = if mark.branch != expected.branch {
+                format!(
+                    "the connection is now marked {:?}",
+                    mark.branch.as_deref().unwrap_or("as no branch")
+                )
+            } else {
+                "the connection is in a transaction that began after the branch's".to_string()
+            };
+            return escaped(detail);
+        }
+        // A failed statement aborts the transaction, and the check behind it fails with it.
+        Some(Err(_)) if ran.result.as_ref().is_err_and(AgentError::aborts_branch) => {}
+        // The statement succeeded and PostgreSQL then refused a plain SELECT: the connection
+        // is not where the branch left it.
+        Some(Err(e)) if e.as_db_error().is_some() => {
+            return escaped(format!(
+                "checking the transaction failed: {}",
+                AgentError::sql(e)
+            ))
+        }
+        Some(Err(e)) => return Verdict::Failed(AgentError::sql(e)),
+    }
+    match ran.result {
+        Ok(resp) => Verdict::Done(resp),
+        Err(e) if e.aborts_branch() => Verdict::Failed(e),
+        Err(e) => Verdict::Refused(e),
+    }
+}
+
+/// A branch's connection just after BEGIN and its first statement.
+struct Opened {
+    conn: Object,
+    started: PgTimestamp,
+    first: Verdict,
+}
+
+/// How a PREPARE TRANSACTION went.
+enum Prepared {
+    Yes,
+    /// Refused, or it did not prepare: the vote is Aborted.
+    No,
+    /// The connection broke: nobody knows.
+    Unknown,
+}
+
 impl Branches {
-    pub fn new(
+    pub fn with_settings(
         group: String,
         pool: Pool,
         coordinators: Coordinators,
-        lock_timeout: Duration,
+        settings: BranchSettings,
     ) -> Branches {
+        let long_ago = Instant::now()
+            .checked_sub(PRUNE_EVERY)
+            .unwrap_or_else(Instant::now);
         Branches {
-            begin_sql: format!(
-                "BEGIN; SET LOCAL lock_timeout = '{}ms'",
-                lock_timeout.as_millis()
-            ),
+            open_slots: Arc::new(Semaphore::new(settings.max_open_branches.max(1))),
+            settings,
             group,
             pool,
             coordinators,
             branches: Mutex::new(HashMap::new()),
+            last_prune: Mutex::new(long_ago),
+            pruning: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -154,16 +329,49 @@ impl Branches {
         self.map().remove(&txn);
     }
 
-    /// Branches open and not prepared yet (one busy with a statement counts as open).
+    /// Branches open and not prepared yet.
     pub fn open_count(&self) -> usize {
-        self.map()
-            .values()
-            .filter(|b| {
-                b.state
-                    .try_lock()
-                    .map_or(true, |s| matches!(*s, State::New | State::Open { .. }))
-            })
-            .count()
+        self.settings
+            .max_open_branches
+            .max(1)
+            .saturating_sub(self.open_slots.available_permits())
+    }
+
+    /// `txn`'s branch, created (taking an open-branch slot) if it does not exist yet.
+    fn branch_for(&self, txn: TxnId) -> Result<Arc<Branch>, AgentError> {
+        let mut map = self.map();
+        if let Some(b) = map.get(&txn) {
+            return Ok(b.clone());
+        }
+        let slot = self.open_slots.clone().try_acquire_owned().map_err(|_| {
+            AgentError::Busy(format!(
+                "{} transactions already have an open branch on this participant \
+                 (max_open_branches); try again when some have finished",
+                self.settings.max_open_branches
+            ))
+        })?;
+        let branch = Branch::new(State::New { slot });
+        map.insert(txn, branch.clone());
+        Ok(branch)
+    }
+
+    /// The input bounds every statement must meet before anything runs.
+    fn check_request(&self, sql: &str, params: &[pb::Value]) -> Result<(), AgentError> {
+        if sql.len() > self.settings.max_statement_bytes {
+            return Err(AgentError::BadRequest(format!(
+                "the statement is {} bytes long; this participant takes at most {} \
+                 (max_statement_bytes)",
+                sql.len(),
+                self.settings.max_statement_bytes
+            )));
+        }
+        if params.len() > MAX_PARAMS {
+            return Err(AgentError::BadRequest(format!(
+                "{} parameters given; a PostgreSQL statement takes at most {MAX_PARAMS}",
+                params.len()
+            )));
+        }
+        guard::check(sql).map_err(|e| AgentError::BadRequest(e.to_string()))
     }
 
     /// Runs one statement in `txn`'s branch, opening the branch (and enlisting with the
@@ -174,99 +382,182 @@ impl Branches {
         sql: &str,
         params: &[pb::Value],
     ) -> Result<pb::ExecuteResponse, AgentError> {
-        if sql.trim().is_empty() {
-            return Err(AgentError::BadRequest("empty SQL statement".into()));
-        }
-        if is_transaction_control(sql) {
-            return Err(AgentError::BadRequest(
-                "transaction control (BEGIN, COMMIT, ROLLBACK, PREPARE TRANSACTION) belongs to \
-                 the coordinator; send only the statements of the transaction"
-                    .into(),
-            ));
-        }
-        let branch = self
-            .map()
-            .entry(txn)
-            .or_insert_with(|| Branch::new(State::New))
-            .clone();
+        let refused = self.check_request(sql, params).err();
+        let branch = self.branch_for(txn)?;
         let mut state = branch.state.lock().await;
-        if matches!(*state, State::New) {
-            branch.touch();
-            return match self.begin(txn, sql, params).await {
-                Ok((conn, first)) => {
-                    let failed = match &first {
-                        Err(e) if e.aborts_branch() => Some(e.to_string()),
-                        _ => None,
-                    };
-                    *state = State::Open {
-                        conn: Box::new(conn),
-                        failed,
-                    };
-                    first
-                }
-                Err(e) => {
-                    *state = State::Done(Outcome::Aborted);
-                    drop(state);
-                    self.remove(txn);
-                    Err(e)
-                }
-            };
-        }
-        let State::Open { conn, failed } = &mut *state else {
-            return Err(AgentError::Closed {
-                txn,
-                state: state.name(),
-            });
-        };
-        if let Some(reason) = failed {
-            return Err(AgentError::BranchFailed {
-                txn,
-                reason: reason.clone(),
-            });
-        }
         branch.touch();
-        match run(conn, sql, params).await {
-            Ok(resp) => Ok(resp),
-            Err(e) => {
-                if e.aborts_branch() {
-                    *failed = Some(e.to_string());
-                }
-                Err(e)
+        if let Some(e) = refused {
+            return Err(self.refuse(txn, &mut state, e).await);
+        }
+        match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
+            State::New { slot } => {
+                let opened = match self.begin(txn, sql, params).await {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        // The slot goes with the state; the branch never existed for anyone.
+                        drop(state);
+                        self.remove(txn);
+                        return Err(e);
+                    }
+                };
+                let (new_state, result) = open_state(opened, slot);
+                *state = new_state;
+                result
+            }
+            State::Open {
+                conn,
+                failed: None,
+                started,
+                slot,
+            } => {
+                let expected = Mark {
+                    branch: Some(txn.to_string()),
+                    started,
+                };
+                let ran = statement(&conn, txn, sql, params, self.settings.max_result_bytes).await;
+                let opened = Opened {
+                    conn: *conn,
+                    started,
+                    first: judge(txn, &expected, ran),
+                };
+                let (new_state, result) = open_state(opened, slot);
+                *state = new_state;
+                result
+            }
+            State::Open {
+                failed: Some(reason),
+                conn,
+                started,
+                slot,
+            } => {
+                *state = State::Open {
+                    failed: Some(reason.clone()),
+                    conn,
+                    started,
+                    slot,
+                };
+                Err(AgentError::BranchFailed { txn, reason })
+            }
+            State::Failed { reason } => {
+                *state = State::Failed {
+                    reason: reason.clone(),
+                };
+                Err(AgentError::BranchFailed { txn, reason })
+            }
+            other => {
+                let name = other.name();
+                *state = other;
+                Err(AgentError::Closed { txn, state: name })
             }
         }
     }
 
+    /// A statement refused before it ran (the guard, the input bounds) dooms its transaction
+    /// as an error in PostgreSQL would: the client asked for something that did not happen,
+    /// so the transaction must not commit without it. A branch not begun yet is enlisted
+    /// (with no connection), so that the leader counts this participant and its Aborted vote.
+    async fn refuse(&self, txn: TxnId, state: &mut State, e: AgentError) -> AgentError {
+        let reason = e.to_string();
+        match std::mem::replace(state, State::Done(Outcome::Aborted)) {
+            State::New { slot } => {
+                drop(slot);
+                match self.coordinators.enlist(txn).await {
+                    Ok(()) => *state = State::Failed { reason },
+                    Err(status) => {
+                        tracing::debug!(%txn, "enlisting a refused branch: {}", status.message());
+                        self.remove(txn);
+                    }
+                }
+            }
+            State::Open {
+                conn,
+                failed,
+                started,
+                slot,
+            } => {
+                *state = State::Open {
+                    conn,
+                    failed: failed.or(Some(reason)),
+                    started,
+                    slot,
+                }
+            }
+            other => *state = other,
+        }
+        e
+    }
+
+    /// The SQL that opens a branch's transaction: the agent's timeouts, and the marker that
+    /// later checks compare with.
+    fn begin_sql(&self, txn: TxnId) -> String {
+        format!(
+            "BEGIN; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
+             SET LOCAL paxos_commit.branch = {}",
+            self.settings.lock_timeout.as_millis(),
+            self.settings.statement_timeout.as_millis(),
+            literal(&txn.to_string()),
+        )
+    }
+
     /// Opens the PostgreSQL transaction and runs the branch's first statement while the
-    /// enlistment is in flight. BEGIN and the statement are pipelined on the connection
-    /// (tokio-postgres sends requests in the order they are first polled, here in one
-    /// write), so the first statement costs one database round trip, and the round trip to
-    /// the leader hides behind it. The statement's own result (which may be an error that
-    /// fails the branch) comes back beside the connection.
+    /// enlistment is in flight. The session reset, BEGIN, the marker check and the statement
+    /// are pipelined on the connection (tokio-postgres sends requests in the order they are
+    /// first polled, here in one write), so the first statement costs one database round
+    /// trip, and the round trip to the leader hides behind it. The statement's own result
+    /// (which may be an error that fails the branch) comes back beside the connection.
     async fn begin(
         &self,
         txn: TxnId,
         sql: &str,
         params: &[pb::Value],
-    ) -> Result<(Object, Result<pb::ExecuteResponse, AgentError>), AgentError> {
+    ) -> Result<Opened, AgentError> {
         let open = async {
             let conn = self.pool.get().await.map_err(AgentError::pool)?;
-            let (begun, first) =
-                tokio::join!(conn.batch_execute(&self.begin_sql), run(&conn, sql, params));
-            match begun {
-                Ok(()) => Ok::<_, AgentError>((conn, first)),
+            let begin_sql = self.begin_sql(txn);
+            let (cleaned, begun, marked, ran) = tokio::join!(
+                conn.batch_execute(CLEAN_SESSION),
+                conn.batch_execute(&begin_sql),
+                mark(&conn),
+                statement(&conn, txn, sql, params, self.settings.max_result_bytes),
+            );
+            let started = match (cleaned, begun, marked) {
+                (Ok(()), Ok(()), Ok(m)) if m.branch == Some(txn.to_string()) => Ok(m.started),
+                (Ok(()), Ok(()), Ok(m)) => Err(AgentError::Database(format!(
+                    "the new transaction is not marked as branch {txn} but {:?}",
+                    m.branch
+                ))),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(AgentError::sql(e)),
+            };
+            match started {
+                Ok(started) => {
+                    let expected = Mark {
+                        branch: Some(txn.to_string()),
+                        started,
+                    };
+                    let first = judge(txn, &expected, ran);
+                    Ok(Opened {
+                        conn,
+                        started,
+                        first,
+                    })
+                }
                 Err(e) => {
                     // Whatever the statement did, it did outside our transaction or on a
                     // broken connection: this connection does not go back to the pool.
-                    drop(Object::take(conn));
-                    Err(AgentError::sql(e))
+                    discard(conn);
+                    Err(e)
                 }
             }
         };
         let (enlisted, opened) = tokio::join!(self.coordinators.enlist(txn), open);
         match (enlisted, opened) {
             (Ok(()), opened) => opened,
-            (Err(status), Ok((conn, _))) => {
-                roll_back(conn).await;
+            (Err(status), Ok(opened)) => {
+                if matches!(opened.first, Verdict::Escaped(_)) {
+                    discard(opened.conn);
+                } else {
+                    roll_back(opened.conn).await;
+                }
                 Err(AgentError::Enlist(status))
             }
             (Err(status), Err(_)) => Err(AgentError::Enlist(status)),
@@ -303,36 +594,31 @@ impl Branches {
         };
         let mut state = branch.state.lock().await;
         let vote = match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
-            State::New => Some(Vote::Aborted),
-            State::Open { conn, failed: None } => {
-                let sql = format!("PREPARE TRANSACTION '{}'", self.gid(txn));
-                match conn.batch_execute(&sql).await {
-                    Ok(()) => {
-                        paxos_commit_proto::crash_point("agent-after-prepare");
-                        *state = State::Prepared {
-                            participants: participants.clone(),
-                            since: Instant::now(),
-                        };
-                        Some(Vote::Prepared)
-                    }
-                    // PostgreSQL refused and rolled the transaction back.
-                    Err(e) if e.as_db_error().is_some() => {
-                        tracing::info!(%txn, "PREPARE TRANSACTION refused: {e}");
-                        Some(Vote::Aborted)
-                    }
-                    Err(e) => {
-                        tracing::warn!(%txn, "connection lost during PREPARE TRANSACTION: {e}");
-                        *state = State::Uncertain {
-                            participants: participants.clone(),
-                            since: Instant::now(),
-                        };
-                        None
-                    }
+            State::New { .. } | State::Failed { .. } => Some(Vote::Aborted),
+            State::Open {
+                conn, failed: None, ..
+            } => match self.prepare_transaction(txn, *conn).await {
+                Prepared::Yes => {
+                    paxos_commit_proto::crash_point("agent-after-prepare");
+                    *state = State::Prepared {
+                        participants: participants.clone(),
+                        since: Instant::now(),
+                    };
+                    Some(Vote::Prepared)
                 }
-            }
+                Prepared::No => Some(Vote::Aborted),
+                Prepared::Unknown => {
+                    *state = State::Uncertain {
+                        participants: participants.clone(),
+                        since: Instant::now(),
+                    };
+                    None
+                }
+            },
             State::Open {
                 conn,
                 failed: Some(_),
+                ..
             } => {
                 roll_back(*conn).await;
                 Some(Vote::Aborted)
@@ -357,7 +643,64 @@ impl Branches {
         Ok(())
     }
 
-    /// Applies a decision; idempotent ("already finished" is success).
+    /// `PREPARE TRANSACTION`, only from inside the branch's own transaction, with the commit
+    /// proof written in that transaction first; and only believed once PostgreSQL lists the
+    /// gid (outside a transaction block, PREPARE is a mere WARNING). The check of
+    /// `pg_prepared_xacts` is pipelined behind the batch: still one round trip.
+    async fn prepare_transaction(&self, txn: TxnId, conn: Object) -> Prepared {
+        let gid = self.gid(txn);
+        let txid = literal(&txn.to_string());
+        let batch = format!(
+            "SELECT paxos_commit.assert_branch({txid}); \
+             INSERT INTO paxos_commit.committed (txid, participant) VALUES ({txid}, {}); \
+             PREPARE TRANSACTION {}",
+            literal(self.participant()),
+            literal(&gid),
+        );
+        let gid_param = [(&gid as &(dyn ToSql + Sync), Type::TEXT)];
+        let (prepared, listed) = tokio::join!(
+            conn.batch_execute(&batch),
+            conn.query_typed(IS_PREPARED_SQL, &gid_param),
+        );
+        match (prepared, listed) {
+            (Ok(()), Ok(rows)) if !rows.is_empty() => Prepared::Yes,
+            (Ok(()), Ok(_)) => {
+                tracing::error!(
+                    %txn,
+                    "PREPARE TRANSACTION reported success but {gid} is not prepared: the \
+                     connection was not in the branch's transaction; voting Aborted"
+                );
+                discard(conn);
+                Prepared::No
+            }
+            (Ok(()), Err(e)) => {
+                tracing::warn!(%txn, "could not confirm PREPARE TRANSACTION: {e}");
+                discard(conn);
+                Prepared::Unknown
+            }
+            // `assert_branch` found the connection outside the branch's transaction: nothing
+            // about this session can be trusted any more.
+            (Err(e), _) if e.code() == Some(&SqlState::INVALID_TRANSACTION_STATE) => {
+                tracing::error!(%txn, "not preparing: {}; closing the connection", AgentError::sql(e));
+                discard(conn);
+                Prepared::No
+            }
+            // PostgreSQL refused (the proof, or PREPARE itself): the transaction is aborted,
+            // and ROLLBACK ends it before the connection goes back.
+            (Err(e), _) if e.as_db_error().is_some() => {
+                tracing::info!(%txn, "PREPARE TRANSACTION refused: {}", AgentError::sql(e));
+                roll_back(conn).await;
+                Prepared::No
+            }
+            (Err(e), _) => {
+                tracing::warn!(%txn, "connection lost during PREPARE TRANSACTION: {e}");
+                Prepared::Unknown
+            }
+        }
+    }
+
+    /// Applies a decision; idempotent ("already finished" is success, when the commit proof
+    /// agrees).
     pub async fn decide(&self, txn: TxnId, outcome: Outcome) -> Result<(), AgentError> {
         tracing::debug!(%txn, %outcome, "decision received");
         let Some(branch) = self.get(txn) else {
@@ -365,14 +708,13 @@ impl Branches {
         };
         let mut state = branch.state.lock().await;
         match std::mem::replace(&mut *state, State::Done(outcome)) {
-            State::New => {}
-            State::Open { conn, .. } => {
-                if outcome == Outcome::Committed {
-                    *state = State::Open { conn, failed: None };
-                    return Err(AgentError::NotPrepared { txn });
-                }
-                roll_back(*conn).await;
+            State::New { .. } => {}
+            open @ (State::Open { .. } | State::Failed { .. }) if outcome == Outcome::Committed => {
+                *state = open;
+                return Err(AgentError::NotPrepared { txn });
             }
+            State::Open { conn, .. } => roll_back(*conn).await,
+            State::Failed { .. } => {}
             State::Prepared {
                 participants,
                 since,
@@ -418,65 +760,105 @@ impl Branches {
     /// branch timeout: a later statement must fail rather than open a fresh branch that would
     /// commit without the statements rolled back here, and a later Prepare votes Aborted.
     async fn roll_back_open(&self, branch: &Branch, mut state: tokio::sync::MutexGuard<'_, State>) {
-        if let State::Open { conn, .. } =
-            std::mem::replace(&mut *state, State::Done(Outcome::Aborted))
-        {
-            roll_back(*conn).await;
+        match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
+            State::Open { conn, .. } => roll_back(*conn).await,
+            State::New { .. } | State::Failed { .. } => {}
+            other => *state = other,
         }
         branch.touch();
     }
 
     /// `COMMIT PREPARED` / `ROLLBACK PREPARED` by gid. A gid that no longer exists was
-    /// finished before (by us, or by an operator), which is success.
+    /// finished before (by us, or by an operator); which way is in its commit proof.
     async fn finish_prepared(&self, txn: TxnId, outcome: Outcome) -> Result<(), AgentError> {
         match self.finish_gid(&self.gid(txn), outcome).await {
             Err(AgentError::Sql { code, .. }) if code == *SqlState::UNDEFINED_OBJECT.code() => {
-                Ok(())
+                self.finished_before(txn, outcome).await
             }
             other => other,
         }
     }
 
-    async fn finish_gid(&self, gid: &str, outcome: Outcome) -> Result<(), AgentError> {
-        let verb = match outcome {
-            Outcome::Committed => "COMMIT",
-            Outcome::Aborted => "ROLLBACK",
+    /// `txn`'s gid is gone: success if it went the way asked. The proof row exists iff the
+    /// branch committed (it was written in the branch's transaction), so a missing gid with
+    /// no proof was rolled back, and one with a proof was committed.
+    async fn finished_before(&self, txn: TxnId, asked: Outcome) -> Result<(), AgentError> {
+        let applied = if self.has_commit_proof(txn).await? {
+            Outcome::Committed
+        } else {
+            Outcome::Aborted
         };
+        if applied == asked {
+            return Ok(());
+        }
+        tracing::error!(
+            %txn,
+            %applied,
+            %asked,
+            "the branch's prepared transaction is gone and was finished the other way"
+        );
+        Err(AgentError::Conflict {
+            txn,
+            applied,
+            asked,
+        })
+    }
+
+    async fn has_commit_proof(&self, txn: TxnId) -> Result<bool, AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        conn.batch_execute(&format!("{verb} PREPARED '{gid}'"))
-            .await
-            .map_err(AgentError::sql)
+        let txid = txn.to_string();
+        let txid_param = [(&txid as &(dyn ToSql + Sync), Type::TEXT)];
+        let (cleaned, rows) = tokio::join!(
+            conn.batch_execute(CLEAN_SESSION),
+            conn.query_typed(
+                "SELECT 1 FROM paxos_commit.committed WHERE txid = $1",
+                &txid_param,
+            ),
+        );
+        cleaned.map_err(AgentError::sql)?;
+        Ok(!rows.map_err(AgentError::sql)?.is_empty())
+    }
+
+    async fn finish_gid(&self, gid: &str, outcome: Outcome) -> Result<(), AgentError> {
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        let sql = finish_sql(gid, outcome);
+        let (cleaned, finished) =
+            tokio::join!(conn.batch_execute(CLEAN_SESSION), conn.batch_execute(&sql));
+        cleaned.map_err(AgentError::sql)?;
+        finished.map_err(AgentError::sql)
     }
 
     async fn is_prepared(&self, txn: TxnId) -> Result<bool, AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        let row = conn
-            .query_opt(
-                "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1",
-                &[&self.gid(txn)],
-            )
-            .await
-            .map_err(AgentError::sql)?;
-        Ok(row.is_some())
+        let gid = self.gid(txn);
+        let gid_param = [(&gid as &(dyn ToSql + Sync), Type::TEXT)];
+        let (cleaned, rows) = tokio::join!(
+            conn.batch_execute(CLEAN_SESSION),
+            conn.query_typed(IS_PREPARED_SQL, &gid_param),
+        );
+        cleaned.map_err(AgentError::sql)?;
+        Ok(!rows.map_err(AgentError::sql)?.is_empty())
     }
 
     /// Our prepared transactions, from PostgreSQL itself.
     pub async fn list_prepared(&self) -> Result<Vec<PreparedRow>, AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        let rows = conn
-            .query(
+        let (cleaned, rows) = tokio::join!(
+            conn.batch_execute(CLEAN_SESSION),
+            conn.query_typed(
                 "SELECT gid, database::text, \
-                        (extract(epoch FROM now() - prepared) * 1000)::int8 \
-                   FROM pg_prepared_xacts \
-                  WHERE gid LIKE 'pxc:%' AND database = current_database() \
+                        (extract(epoch FROM pg_catalog.now() - prepared) * 1000)::int8 \
+                   FROM pg_catalog.pg_prepared_xacts \
+                  WHERE gid LIKE 'pxc:%' AND database = pg_catalog.current_database() \
                   ORDER BY prepared",
                 &[],
-            )
-            .await
-            .map_err(AgentError::sql)?;
+            ),
+        );
+        cleaned.map_err(AgentError::sql)?;
+        let rows = rows.map_err(AgentError::sql)?;
         let mut out = Vec::new();
         for row in rows {
-            let gid: String = row.get(0);
+            let gid: String = row.try_get(0).map_err(AgentError::sql)?;
             let Some((group, txn, participant)) = parse_gid(&gid) else {
                 continue;
             };
@@ -485,8 +867,8 @@ impl Branches {
             }
             out.push(PreparedRow {
                 txn,
-                database: row.get(1),
-                age_ms: row.get::<_, i64>(2).max(0) as u64,
+                database: row.try_get(1).map_err(AgentError::sql)?,
+                age_ms: row.try_get::<_, i64>(2).map_err(AgentError::sql)?.max(0) as u64,
                 gid,
             });
         }
@@ -517,7 +899,15 @@ impl Branches {
     }
 
     /// The operator's last resort (txctl heuristic): finish a prepared transaction by gid.
-    pub async fn heuristic(&self, gid: &str, outcome: Outcome) -> Result<(), AgentError> {
+    /// The attempt is recorded in `paxos_commit.heuristic_log` (who, what, the checks made)
+    /// in its own transaction before anything is done, and its result after.
+    pub async fn heuristic(
+        &self,
+        gid: &str,
+        outcome: Outcome,
+        operator: &str,
+        checks: &str,
+    ) -> Result<(), AgentError> {
         let ours = parse_gid(gid)
             .filter(|(g, _, p)| *g == self.group && *p == self.participant())
             .map(|(_, txn, _)| txn)
@@ -528,7 +918,49 @@ impl Branches {
                     self.group
                 ))
             })?;
-        self.finish_gid(gid, outcome).await?;
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        let outcome_text = outcome.to_string();
+        let record: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&operator, Type::TEXT),
+            (&gid, Type::TEXT),
+            (&outcome_text, Type::TEXT),
+            (&checks, Type::TEXT),
+        ];
+        let (cleaned, logged) = tokio::join!(
+            conn.batch_execute(CLEAN_SESSION),
+            conn.query_typed(
+                "INSERT INTO paxos_commit.heuristic_log (operator, gid, outcome, result, checks) \
+                 VALUES ($1, $2, $3, 'attempting', $4) RETURNING id",
+                &record,
+            ),
+        );
+        cleaned.map_err(AgentError::sql)?;
+        let rows = logged.map_err(AgentError::sql)?;
+        let id: Option<i64> = rows.first().and_then(|r| r.try_get(0).ok());
+        let finished = conn
+            .batch_execute(&finish_sql(gid, outcome))
+            .await
+            .map_err(AgentError::sql);
+        let result = match &finished {
+            Ok(()) => "done".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if let Some(id) = id {
+            if let Err(e) = conn
+                .execute_typed(
+                    "UPDATE paxos_commit.heuristic_log SET result = $2 WHERE id = $1",
+                    &[(&id, Type::INT8), (&result, Type::TEXT)],
+                )
+                .await
+            {
+                tracing::warn!(
+                    gid,
+                    id,
+                    "could not record the heuristic's result ({result}): {e}"
+                );
+            }
+        }
+        finished?;
         if let Some(branch) = self.get(ours) {
             *branch.state.lock().await = State::Done(outcome);
             self.remove(ours);
@@ -536,9 +968,57 @@ impl Branches {
         Ok(())
     }
 
-    /// Periodic duties: roll back abandoned open branches, and ask the group about prepared
-    /// branches that waited too long for their decision.
+    /// Deletes commit proofs older than the retention, in batches; at most one prune at a
+    /// time.
+    async fn prune_proofs(&self) -> Result<u64, AgentError> {
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        conn.batch_execute(CLEAN_SESSION)
+            .await
+            .map_err(AgentError::sql)?;
+        let retention = self.settings.commit_proof_retention.as_secs_f64();
+        let mut total = 0;
+        loop {
+            let n = conn
+                .execute_typed(
+                    "DELETE FROM paxos_commit.committed WHERE txid IN \
+                       (SELECT txid FROM paxos_commit.committed \
+                         WHERE at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) \
+                         LIMIT $2)",
+                    &[(&retention, Type::FLOAT8), (&PRUNE_BATCH, Type::INT8)],
+                )
+                .await
+                .map_err(AgentError::sql)?;
+            total += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Whether the once-a-minute prune is due (and, if so, claims it).
+    fn prune_due(&self) -> bool {
+        let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() < PRUNE_EVERY || self.pruning.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *last = Instant::now();
+        true
+    }
+
+    /// Periodic duties: roll back abandoned open branches, ask the group about prepared
+    /// branches that waited too long for their decision, and prune old commit proofs.
     pub async fn sweep(self: &Arc<Self>, branch_timeout: Duration, in_doubt_after: Duration) {
+        if self.prune_due() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                match this.prune_proofs().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!("pruned {n} commit proofs past their retention"),
+                    Err(e) => tracing::warn!("pruning commit proofs: {e}"),
+                }
+                this.pruning.store(false, Ordering::Release);
+            });
+        }
         let branches: Vec<(TxnId, Arc<Branch>)> =
             self.map().iter().map(|(t, b)| (*t, b.clone())).collect();
         for (txn, branch) in branches {
@@ -546,7 +1026,7 @@ impl Branches {
                 continue; // busy: not abandoned
             };
             match &*state {
-                State::Open { .. } | State::New if branch.idle() > branch_timeout => {
+                s if s.is_open() && branch.idle() > branch_timeout => {
                     tracing::info!(%txn, "rolling back a branch abandoned for {:?}", branch.idle());
                     self.roll_back_open(&branch, state).await;
                 }
@@ -554,7 +1034,7 @@ impl Branches {
                     drop(state);
                     self.remove(txn);
                 }
-                State::Open { .. } | State::New if branch.idle() > in_doubt_after => {
+                s if s.is_open() && branch.idle() > in_doubt_after => {
                     // Idle for a while: is its leader still there to finish it?
                     if branch.resolving.swap(true, Ordering::AcqRel) {
                         continue;
@@ -564,7 +1044,7 @@ impl Branches {
                     tokio::spawn(async move {
                         if !this.coordinators.leader_holds_open(txn).await {
                             let state = branch.state.lock().await;
-                            if matches!(*state, State::Open { .. } | State::New) {
+                            if state.is_open() {
                                 tracing::info!(
                                     %txn,
                                     "rolling back an open branch whose leader (replica {}) is gone",
@@ -610,88 +1090,250 @@ impl Branches {
     }
 }
 
+/// The state a branch is in after a statement, and what the client hears.
+fn open_state(
+    opened: Opened,
+    slot: OwnedSemaphorePermit,
+) -> (State, Result<pb::ExecuteResponse, AgentError>) {
+    let Opened {
+        conn,
+        started,
+        first,
+    } = opened;
+    let (failed, result) = match first {
+        Verdict::Done(resp) => (None, Ok(resp)),
+        Verdict::Refused(e) => (None, Err(e)),
+        Verdict::Failed(e) => (Some(e.to_string()), Err(e)),
+        Verdict::Escaped(e) => {
+            tracing::error!("{e}; closing its connection");
+            discard(conn);
+            let reason = e.to_string();
+            return (State::Failed { reason }, Err(e));
+        }
+    };
+    let state = State::Open {
+        conn: Box::new(conn),
+        failed,
+        started,
+        slot,
+    };
+    (state, result)
+}
+
+/// A string as an SQL literal. The agent's own values (txids, gids, participant ids) are
+/// plain ASCII; doubling quotes keeps anything else a literal too.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn finish_sql(gid: &str, outcome: Outcome) -> String {
+    let verb = match outcome {
+        Outcome::Committed => "COMMIT",
+        Outcome::Aborted => "ROLLBACK",
+    };
+    format!("{verb} PREPARED {}", literal(gid))
+}
+
+/// Closes a connection instead of returning it to the pool: its session is in a state no
+/// other branch may inherit, and PostgreSQL rolls back whatever it had open.
+fn discard(conn: Object) {
+    drop(Object::take(conn));
+}
+
 /// Rolls back the open transaction on `conn`. A connection on which that fails does not go
 /// back to the pool: the next branch would start inside the old transaction.
 async fn roll_back(conn: Object) {
     if conn.batch_execute("ROLLBACK").await.is_err() {
-        drop(Object::take(conn));
+        discard(conn);
     }
 }
 
-async fn run(
+/// Runs one statement of `txn`'s branch, with the transaction check pipelined behind it.
+async fn statement(
     conn: &Object,
+    txn: TxnId,
     sql: &str,
     params: &[pb::Value],
-) -> Result<pb::ExecuteResponse, AgentError> {
-    let stmt = conn.prepare_cached(sql).await.map_err(AgentError::sql)?;
+    max_result_bytes: usize,
+) -> Ran {
+    let refused = |e: AgentError| Ran {
+        result: Err(e),
+        after: None,
+    };
+    let stmt = match conn.prepare_cached(sql).await {
+        Ok(stmt) => stmt,
+        Err(e) => return refused(AgentError::sql(e)),
+    };
     if stmt.params().len() != params.len() {
-        return Err(AgentError::BadRequest(format!(
+        return refused(AgentError::BadRequest(format!(
             "the statement takes {} parameters, {} given",
             stmt.params().len(),
             params.len()
         )));
     }
-    let bound = params
+    let bound = match params
         .iter()
         .zip(stmt.params())
         .enumerate()
         .map(|(i, (v, ty))| values::param(i, v, ty))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(AgentError::BadRequest)?;
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = bound
-        .iter()
-        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    if stmt.columns().is_empty() {
-        let n = conn.execute(&stmt, &refs).await.map_err(AgentError::sql)?;
-        return Ok(pb::ExecuteResponse {
-            rows_affected: n,
-            ..Default::default()
-        });
+    {
+        Ok(bound) => bound,
+        Err(e) => return refused(AgentError::BadRequest(e)),
+    };
+    if let Err(e) = values::check_columns(stmt.columns()) {
+        return refused(AgentError::BadRequest(e));
     }
-    let rows = conn.query(&stmt, &refs).await.map_err(AgentError::sql)?;
-    let columns = stmt
+    let (result, after) =
+        tokio::join!(rows(conn, txn, &stmt, &bound, max_result_bytes), mark(conn));
+    Ran {
+        result,
+        after: Some(after),
+    }
+}
+
+/// Executes a prepared statement and converts its rows, up to `max_result_bytes`.
+async fn rows(
+    conn: &Object,
+    txn: TxnId,
+    stmt: &tokio_postgres::Statement,
+    bound: &[values::Param],
+    max_result_bytes: usize,
+) -> Result<pb::ExecuteResponse, AgentError> {
+    let refs = bound.iter().map(|p| p as &(dyn ToSql + Sync));
+    let stream = conn.query_raw(stmt, refs).await.map_err(AgentError::sql)?;
+    futures::pin_mut!(stream);
+    let columns: Vec<String> = stmt
         .columns()
         .iter()
         .map(|c| c.name().to_string())
         .collect();
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
+    let mut size: usize = columns.iter().map(|c| c.len() + 8).sum();
+    let mut out = Vec::new();
+    while let Some(row) = stream.try_next().await.map_err(AgentError::sql)? {
         let values = (0..row.len())
-            .map(|i| values::column(row, i))
+            .map(|i| values::column(&row, i))
             .collect::<Result<Vec<_>, _>>()
             .map_err(AgentError::BadRequest)?;
+        size += 8 + values.iter().map(values::response_size).sum::<usize>();
+        if size > max_result_bytes {
+            // Dropping the stream leaves the rest of the rows to the connection, which reads
+            // and discards them.
+            return Err(AgentError::ResultTooLarge {
+                txn,
+                limit: max_result_bytes,
+            });
+        }
         out.push(pb::Row { values });
     }
+    let rows_affected = if columns.is_empty() {
+        stream.rows_affected().unwrap_or(0)
+    } else {
+        out.len() as u64
+    };
     Ok(pb::ExecuteResponse {
         columns,
-        rows_affected: rows.len() as u64,
+        rows_affected,
         rows: out,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_transaction_control;
+    use super::*;
+
+    fn txn() -> TxnId {
+        TxnId(0x00a1_b2c3_d4e5_f607)
+    }
+
+    fn expected() -> Mark {
+        Mark {
+            branch: Some(txn().to_string()),
+            started: PgTimestamp(1_000),
+        }
+    }
+
+    fn ok() -> Result<pb::ExecuteResponse, AgentError> {
+        Ok(pb::ExecuteResponse::default())
+    }
 
     #[test]
-    fn transaction_control_is_refused() {
-        for sql in [
-            "COMMIT",
-            "rollback;",
-            "  begin",
-            "PREPARE TRANSACTION 'x'",
-            "end",
-        ] {
-            assert!(is_transaction_control(sql), "{sql}");
+    fn a_statement_inside_the_branch_is_fine() {
+        let ran = Ran {
+            result: ok(),
+            after: Some(Ok(expected())),
+        };
+        assert!(matches!(judge(txn(), &expected(), ran), Verdict::Done(_)));
+    }
+
+    #[test]
+    fn a_statement_that_left_the_transaction_is_caught() {
+        // The marker survives (forged with set_config), the transaction does not.
+        let later = Mark {
+            started: PgTimestamp(2_000),
+            ..expected()
+        };
+        // The marker is gone (COMMIT or ROLLBACK ended the SET LOCAL).
+        let unmarked = Mark {
+            branch: None,
+            ..expected()
+        };
+        for mark in [later, unmarked] {
+            let ran = Ran {
+                result: ok(),
+                after: Some(Ok(mark.clone())),
+            };
+            match judge(txn(), &expected(), ran) {
+                Verdict::Escaped(e) => {
+                    assert!(matches!(e, AgentError::LeftTransaction { .. }), "{e}");
+                    assert!(e.aborts_branch());
+                }
+                _ => panic!("not caught: {mark:?}"),
+            }
         }
-        for sql in [
-            "SELECT 1",
-            "UPDATE t SET x = 1",
-            "PREPARE foo AS SELECT 1",
-            "SAVEPOINT a",
-        ] {
-            assert!(!is_transaction_control(sql), "{sql}");
-        }
+    }
+
+    #[test]
+    fn a_failed_statement_fails_the_branch_and_a_refused_one_does_not() {
+        let failed = Ran {
+            result: Err(AgentError::Sql {
+                code: "42601".into(),
+                message: "syntax error".into(),
+            }),
+            after: None,
+        };
+        assert!(matches!(
+            judge(txn(), &expected(), failed),
+            Verdict::Failed(_)
+        ));
+        let refused = Ran {
+            result: Err(AgentError::BadRequest("parameters".into())),
+            after: None,
+        };
+        assert!(matches!(
+            judge(txn(), &expected(), refused),
+            Verdict::Refused(_)
+        ));
+        let too_large = Ran {
+            result: Err(AgentError::ResultTooLarge {
+                txn: txn(),
+                limit: 10,
+            }),
+            after: Some(Ok(expected())),
+        };
+        assert!(matches!(
+            judge(txn(), &expected(), too_large),
+            Verdict::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn sql_built_here_quotes_its_values() {
+        assert_eq!(literal("a'b"), "'a''b'");
+        assert_eq!(
+            finish_sql("pxc:g:00a1b2c3d4e5f607:p", Outcome::Committed),
+            "COMMIT PREPARED 'pxc:g:00a1b2c3d4e5f607:p'"
+        );
+        assert_eq!(finish_sql("x", Outcome::Aborted), "ROLLBACK PREPARED 'x'");
     }
 }

@@ -1,6 +1,8 @@
 //! Agent configuration: a TOML file, overridden by flags and `PAXOS_AGENT_*` variables.
 
+use crate::db_tls::DbConnect;
 use clap::Args;
+use paxos_commit_proto::tls::{Role, Security};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +29,11 @@ struct FileConfig {
     participant: Option<String>,
     group: Option<String>,
     database_url: Option<String>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure: Option<bool>,
+    database_tls_ca: Option<PathBuf>,
     listen: Option<String>,
     advertise: Option<String>,
     coordinators: Option<Vec<String>>,
@@ -34,6 +41,13 @@ struct FileConfig {
     branch_timeout_ms: Option<u64>,
     in_doubt_after_ms: Option<u64>,
     lock_timeout_ms: Option<u64>,
+    statement_timeout_ms: Option<u64>,
+    max_statement_bytes: Option<usize>,
+    max_result_bytes: Option<usize>,
+    pool_wait_timeout_ms: Option<u64>,
+    max_open_branches: Option<usize>,
+    max_concurrent_calls: Option<usize>,
+    commit_proof_retention_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -50,6 +64,22 @@ pub struct AgentArgs {
     /// PostgreSQL connection URL of this participant's database.
     #[arg(long, env = "PAXOS_AGENT_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// PEM file of the CA (or CAs, while rotating) that signs every process's certificate.
+    #[arg(long, env = "PAXOS_AGENT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate of this agent (spiffe://<group>/agent/<participant>).
+    #[arg(long, env = "PAXOS_AGENT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PAXOS_AGENT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Run without TLS: plaintext, and every caller may do anything. Development only.
+    #[arg(long, env = "PAXOS_AGENT_INSECURE")]
+    pub insecure: Option<bool>,
+    /// Connect to PostgreSQL over TLS, verifying its certificate against this CA file and
+    /// the host in --database-url (libpq's sslmode=verify-full). Without it: plaintext.
+    #[arg(long, env = "PAXOS_AGENT_DATABASE_TLS_CA")]
+    pub database_tls_ca: Option<PathBuf>,
     /// Address to listen on (host:port).
     #[arg(long, env = "PAXOS_AGENT_LISTEN")]
     pub listen: Option<String>,
@@ -72,10 +102,37 @@ pub struct AgentArgs {
     /// (PostgreSQL cannot detect deadlocks that span databases).
     #[arg(long, env = "PAXOS_AGENT_LOCK_TIMEOUT_MS")]
     pub lock_timeout_ms: Option<u64>,
+    /// A branch's statement running this long (ms) is cancelled and the branch can only
+    /// abort (0: no limit).
+    #[arg(long, env = "PAXOS_AGENT_STATEMENT_TIMEOUT_MS")]
+    pub statement_timeout_ms: Option<u64>,
+    /// Longest SQL text (bytes) Execute accepts.
+    #[arg(long, env = "PAXOS_AGENT_MAX_STATEMENT_BYTES")]
+    pub max_statement_bytes: Option<usize>,
+    /// Largest result (bytes, about its size in the response) Execute returns; a statement
+    /// with a larger one fails its branch.
+    #[arg(long, env = "PAXOS_AGENT_MAX_RESULT_BYTES")]
+    pub max_result_bytes: Option<usize>,
+    /// How long (ms) a request waits for a free database connection before it is refused
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PAXOS_AGENT_POOL_WAIT_TIMEOUT_MS")]
+    pub pool_wait_timeout_ms: Option<u64>,
+    /// Branches open (not prepared yet) at once; more are refused with RESOURCE_EXHAUSTED
+    /// (default: the pool size).
+    #[arg(long, env = "PAXOS_AGENT_MAX_OPEN_BRANCHES")]
+    pub max_open_branches: Option<usize>,
+    /// Calls served at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PAXOS_AGENT_MAX_CONCURRENT_CALLS")]
+    pub max_concurrent_calls: Option<usize>,
+    /// How long (ms) each committed branch's proof row stays in paxos_commit.committed.
+    #[arg(long, env = "PAXOS_AGENT_COMMIT_PROOF_RETENTION_MS")]
+    pub commit_proof_retention_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    pub security: Security,
+    pub database_tls: DbConnect,
     pub participant: String,
     pub group: String,
     pub database_url: String,
@@ -86,6 +143,14 @@ pub struct AgentConfig {
     pub branch_timeout: Duration,
     pub in_doubt_after: Duration,
     pub lock_timeout: Duration,
+    /// Zero: no limit.
+    pub statement_timeout: Duration,
+    pub max_statement_bytes: usize,
+    pub max_result_bytes: usize,
+    pub pool_wait_timeout: Duration,
+    pub max_open_branches: usize,
+    pub max_concurrent_calls: usize,
+    pub commit_proof_retention: Duration,
 }
 
 impl AgentArgs {
@@ -124,6 +189,23 @@ impl AgentArgs {
                 "group {group:?} must be 1-64 characters of [A-Za-z0-9_-]"
             )));
         }
+        let security = Security::from_settings(
+            self.insecure.or(file.insecure).unwrap_or(false),
+            self.tls_ca.clone().or(file.tls_ca),
+            self.tls_cert.clone().or(file.tls_cert),
+            self.tls_key.clone().or(file.tls_key),
+        )
+        .map_err(ConfigError::Invalid)?;
+        if let Some(tls) = security.tls() {
+            let me = Role::Agent(participant.clone());
+            if tls.group != group || tls.role != me {
+                return Err(ConfigError::Invalid(format!(
+                    "this agent is {}, but its certificate names {}",
+                    me.uri(&group),
+                    tls.role.uri(&tls.group)
+                )));
+            }
+        }
         let database_url = self
             .database_url
             .clone()
@@ -144,7 +226,17 @@ impl AgentArgs {
                 "at least one coordinator address is required".into(),
             ));
         }
+        let pool_size = self.pool_size.or(file.pool_size).unwrap_or(64).max(2);
+        let database_tls = DbConnect::from_ca(
+            self.database_tls_ca
+                .clone()
+                .or(file.database_tls_ca)
+                .as_deref(),
+        )
+        .map_err(ConfigError::Invalid)?;
         Ok(AgentConfig {
+            security,
+            database_tls,
             participant,
             group,
             database_url,
@@ -155,7 +247,7 @@ impl AgentArgs {
                 .unwrap_or_else(|| listen.clone()),
             listen,
             coordinators,
-            pool_size: self.pool_size.or(file.pool_size).unwrap_or(64).max(2),
+            pool_size,
             branch_timeout: Duration::from_millis(
                 self.branch_timeout_ms
                     .or(file.branch_timeout_ms)
@@ -171,6 +263,42 @@ impl AgentArgs {
                     .or(file.lock_timeout_ms)
                     .unwrap_or(2_000)
                     .max(1),
+            ),
+            statement_timeout: Duration::from_millis(
+                self.statement_timeout_ms
+                    .or(file.statement_timeout_ms)
+                    .unwrap_or(30_000),
+            ),
+            max_statement_bytes: self
+                .max_statement_bytes
+                .or(file.max_statement_bytes)
+                .unwrap_or(1 << 20)
+                .max(1),
+            max_result_bytes: self
+                .max_result_bytes
+                .or(file.max_result_bytes)
+                .unwrap_or(4 << 20)
+                .max(1),
+            pool_wait_timeout: Duration::from_millis(
+                self.pool_wait_timeout_ms
+                    .or(file.pool_wait_timeout_ms)
+                    .unwrap_or(5_000)
+                    .max(1),
+            ),
+            max_open_branches: self
+                .max_open_branches
+                .or(file.max_open_branches)
+                .unwrap_or(pool_size)
+                .max(1),
+            max_concurrent_calls: self
+                .max_concurrent_calls
+                .or(file.max_concurrent_calls)
+                .unwrap_or(10_000)
+                .max(1),
+            commit_proof_retention: Duration::from_millis(
+                self.commit_proof_retention_ms
+                    .or(file.commit_proof_retention_ms)
+                    .unwrap_or(86_400_000),
             ),
         })
     }

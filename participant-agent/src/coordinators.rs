@@ -9,11 +9,12 @@ use paxos_commit_proto::convert::{
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
-use paxos_commit_proto::sender;
+use paxos_commit_proto::sender::{self, Link};
+use paxos_commit_proto::tls::Security;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -30,22 +31,27 @@ pub struct Coordinators {
     coordinators: Vec<CoordinatorClient<Channel>>,
     /// One streaming sender per replica, shared by every branch: votes to its acceptor,
     /// enlistments to the leaders, acknowledgements of decisions.
-    links: Vec<mpsc::UnboundedSender<pb::PaxosMessage>>,
+    links: Vec<Link>,
     enlisting: Arc<Mutex<Waiting>>,
     me: Participant,
 }
 
 impl Coordinators {
-    pub fn new(addresses: &[String], me: Participant) -> Result<Coordinators, ClientError> {
+    pub fn new(
+        addresses: &[String],
+        me: Participant,
+        security: &Security,
+    ) -> Result<Coordinators, ClientError> {
         let mut coordinators = Vec::new();
         let mut links = Vec::new();
         for a in addresses {
             coordinators.push(CoordinatorClient::new(lazy_channel(
                 a,
                 Some(Duration::from_secs(5)),
+                security,
             )?));
             links.push(sender::to_replica(AcceptorClient::new(lazy_channel(
-                a, None,
+                a, None, security,
             )?)));
         }
         Ok(Coordinators {
@@ -58,6 +64,11 @@ impl Coordinators {
 
     pub fn me(&self) -> &Participant {
         &self.me
+    }
+
+    /// The replicas' Coordinator services, in replica-id order.
+    pub fn replicas(&self) -> &[CoordinatorClient<Channel>] {
+        &self.coordinators
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
@@ -75,7 +86,7 @@ impl Coordinators {
         })?;
         let (tx, rx) = oneshot::channel();
         self.waiting().insert(txn, tx);
-        let _ = leader.send(enlist_to_pb(txn, &self.me));
+        leader.send(enlist_to_pb(txn, &self.me));
         let answer = tokio::time::timeout(ENLIST_TIMEOUT, rx).await;
         self.waiting().remove(&txn);
         match answer {
@@ -104,7 +115,7 @@ impl Coordinators {
     /// Tells replica `to` (the one that sent the decision) that it is applied here.
     pub fn applied(&self, txn: TxnId, to: ReplicaId) {
         if let Some(link) = self.links.get(to as usize) {
-            let _ = link.send(applied_to_pb(txn, &self.me.id));
+            link.send(applied_to_pb(txn, &self.me.id));
         }
     }
 
@@ -120,7 +131,7 @@ impl Coordinators {
         );
         for (r, msg) in msgs {
             if let Some(link) = self.links.get(r as usize) {
-                let _ = link.send(msg_to_pb(0, &msg));
+                link.send(msg_to_pb(0, &msg));
             }
         }
     }

@@ -27,6 +27,25 @@ pub enum AgentError {
         applied: Outcome,
         asked: Outcome,
     },
+    /// The agent is at a limit that frees up as other work finishes (connection pool, open
+    /// branches): the caller may try again later.
+    #[error("agent busy: {0}")]
+    Busy(String),
+    /// The statement ran, and its result is over the limit: the branch can only abort, since
+    /// running the statement again in it would apply its changes twice.
+    #[error(
+        "the statement's result is larger than {limit} bytes (max_result_bytes), so it was not \
+         returned; the statement ran, and transaction {txn} can only abort now: select fewer \
+         rows or columns"
+    )]
+    ResultTooLarge { txn: TxnId, limit: usize },
+    /// PostgreSQL says the connection is no longer in the branch's transaction after a
+    /// statement: the statement ended or escaped it.
+    #[error(
+        "the statement left the transaction of branch {txn} ({detail}); the branch can only \
+         abort, and what the statement did outside it is not the coordinator's to undo"
+    )]
+    LeftTransaction { txn: TxnId, detail: String },
 }
 
 impl AgentError {
@@ -48,12 +67,28 @@ impl AgentError {
     }
 
     pub fn pool(e: deadpool_postgres::PoolError) -> AgentError {
-        AgentError::Database(e.to_string())
+        use deadpool_postgres::{PoolError, TimeoutType};
+        match e {
+            PoolError::Timeout(TimeoutType::Wait) => AgentError::Busy(
+                "every database connection is in use (pool_size) and none became free within \
+                 pool_wait_timeout_ms"
+                    .into(),
+            ),
+            PoolError::Backend(e) => AgentError::sql(e),
+            e => AgentError::Database(e.to_string()),
+        }
     }
 
-    /// Whether PostgreSQL aborted the branch's transaction along with this error.
+    /// Whether this error ends the branch's usefulness: PostgreSQL aborted its transaction,
+    /// or the statement ran and its effect cannot be reported or trusted.
     pub fn aborts_branch(&self) -> bool {
-        matches!(self, AgentError::Sql { .. } | AgentError::Database(_))
+        matches!(
+            self,
+            AgentError::Sql { .. }
+                | AgentError::Database(_)
+                | AgentError::ResultTooLarge { .. }
+                | AgentError::LeftTransaction { .. }
+        )
     }
 }
 
@@ -66,6 +101,9 @@ impl From<AgentError> for Status {
                 let code = match &code[..2.min(code.len())] {
                     // lock timeout: like a deadlock, retryable
                     _ if code == "55P03" => Code::Aborted,
+                    // statement_timeout (or a cancel): not a sign that PostgreSQL is down,
+                    // and the branch is aborted, so not Unavailable (which clients retry)
+                    _ if code == "57014" => Code::DeadlineExceeded,
                     // syntax, undefined objects, bad data
                     "42" | "22" | "0A" | "26" | "34" | "3F" => Code::InvalidArgument,
                     // integrity constraints (CHECK, UNIQUE, FK, NOT NULL)
@@ -83,6 +121,44 @@ impl From<AgentError> for Status {
             | AgentError::BranchFailed { .. }
             | AgentError::NotPrepared { .. } => Status::failed_precondition(msg),
             AgentError::Conflict { .. } => Status::internal(msg),
+            AgentError::Busy(_) => Status::resource_exhausted(msg),
+            AgentError::ResultTooLarge { .. } | AgentError::LeftTransaction { .. } => {
+                Status::invalid_argument(msg)
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_timeouts_have_codes_clients_do_not_retry_blindly() {
+        let txn = TxnId(1);
+        let code = |e: AgentError| Status::from(e).code();
+        assert_eq!(code(AgentError::Busy("x".into())), Code::ResourceExhausted);
+        assert_eq!(
+            code(AgentError::ResultTooLarge { txn, limit: 1 }),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(AgentError::LeftTransaction {
+                txn,
+                detail: "x".into()
+            }),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(AgentError::BadRequest("x".into())),
+            Code::InvalidArgument
+        );
+        let sql = |c: &str| AgentError::Sql {
+            code: c.into(),
+            message: String::new(),
+        };
+        assert_eq!(code(sql("57014")), Code::DeadlineExceeded);
+        assert_eq!(code(sql("55P03")), Code::Aborted);
+        assert_eq!(code(sql("57P01")), Code::Unavailable);
     }
 }

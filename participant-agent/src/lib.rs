@@ -9,17 +9,20 @@
 pub mod branches;
 pub mod config;
 pub mod coordinators;
+pub mod db_tls;
 pub mod error;
+pub mod guard;
 pub mod server;
 pub mod startup;
 pub mod values;
 
-use crate::branches::Branches;
+use crate::branches::{BranchSettings, Branches};
 use crate::config::AgentConfig;
 use crate::coordinators::Coordinators;
 use crate::server::AgentService;
 use paxos_commit_core::Participant;
 use paxos_commit_proto::pb::agent_server::AgentServer;
+use paxos_commit_proto::tls::Gate;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,15 +48,18 @@ pub async fn serve(
         .listen
         .parse()
         .map_err(|e| ServeError::Startup(format!("listen address {:?}: {e}", cfg.listen)))?;
+    // One live agent per database and participant: taken before the migrations run, held
+    // for the life of the process.
+    let lock = startup::take_agent_lock(&cfg).await?;
     let pool = startup::prepare_database(&cfg).await?;
     let me = Participant::new(cfg.participant.clone(), cfg.advertise.clone());
-    let coordinators =
-        Coordinators::new(&cfg.coordinators, me).map_err(|e| ServeError::Startup(e.to_string()))?;
-    let branches = Arc::new(Branches::new(
+    let coordinators = Coordinators::new(&cfg.coordinators, me, &cfg.security)
+        .map_err(|e| ServeError::Startup(e.to_string()))?;
+    let branches = Arc::new(Branches::with_settings(
         cfg.group.clone(),
         pool,
         coordinators,
-        cfg.lock_timeout,
+        BranchSettings::from_config(&cfg),
     ));
     let in_doubt = branches
         .recover()
@@ -77,12 +83,35 @@ pub async fn serve(
     health_reporter
         .set_serving::<AgentServer<AgentService>>()
         .await;
-    tracing::info!(%addr, participant = %cfg.participant, "agent serving");
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    cfg.security.warn_if_insecure("this agent");
+    tracing::info!(
+        %addr,
+        participant = %cfg.participant,
+        tls = cfg.security.tls().is_some(),
+        "agent serving"
+    );
+    let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = cfg.security.tls() {
+        server = server
+            .tls_config(tls.server_config())
+            .map_err(|e| ServeError::Startup(format!("TLS: {e}")))?;
+    }
+    let service = AgentService {
+        branches,
+        gate: Gate::new(&cfg.security, cfg.max_concurrent_calls),
+    };
+    let serving = server
+        .layer(paxos_commit_proto::limits::layer())
         .add_service(health)
-        .add_service(AgentServer::new(AgentService { branches }))
-        .serve_with_shutdown(addr, shutdown)
-        .await
-        .map_err(|source| ServeError::Serve { addr, source })
+        .add_service(
+            AgentServer::new(service)
+                .max_decoding_message_size(paxos_commit_proto::limits::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_shutdown(addr, shutdown);
+    tokio::select! {
+        served = serving => served.map_err(|source| ServeError::Serve { addr, source }),
+        // Another agent took this database's lock (ours was lost with its connection): two
+        // agents must never serve one participant, so this one stops.
+        fenced = lock.hold() => Err(fenced),
+    }
 }

@@ -1,17 +1,24 @@
-//! The agent's gRPC face: parse, call the branch manager, map errors to statuses; and the
-//! replicas' message stream (Prepare, Decide, answers to enlistments).
+//! The agent's gRPC face: check who calls, parse, call the branch manager, map errors to
+//! statuses; and the replicas' message stream (Prepare, Decide, answers to enlistments).
+//!
+//! The agent finishes a prepared branch only on a replica's word (the message stream, whose
+//! caller must hold a replica certificate) or after asking the group itself (an operator's
+//! Decide); a heuristic decision needs an operator, `force`, and the same checks txctl shows,
+//! run here again, and it leaves a row in `paxos_commit.heuristic_log`.
 
 use crate::branches::Branches;
 use crate::error::AgentError;
 use paxos_commit_core::{Msg, ReplicaId, TxnId};
 use paxos_commit_proto::convert::{delivered_from_pb, outcome_from_pb, txid_from_pb, Delivered};
 use paxos_commit_proto::pb;
+use paxos_commit_proto::tls::{Caller, Gate, Kind, Role};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 #[derive(Clone)]
 pub struct AgentService {
     pub branches: Arc<Branches>,
+    pub gate: Gate,
 }
 
 /// Runs a branch operation to completion on its own task. tonic drops a handler's future when
@@ -33,7 +40,7 @@ fn txid(s: &str) -> Result<TxnId, Status> {
 impl AgentService {
     /// Acts on one message from a replica. Branch work runs on its own task, as a unary
     /// call's would: the stream goes on with the next message meanwhile.
-    fn delivered(&self, d: Delivered) {
+    fn delivered(&self, caller: &Caller, d: Delivered) {
         match d {
             Delivered::Msg(_, Msg::Prepare { txn, participants }) => {
                 let branches = self.branches.clone();
@@ -44,7 +51,11 @@ impl AgentService {
                     }
                 });
             }
-            Delivered::Msg(from, Msg::Decide { txn, outcome }) => {
+            Delivered::Msg(claimed, Msg::Decide { txn, outcome }) => {
+                // The acknowledgement goes to the replica that really sent it.
+                let Some(from) = caller.replica_or(claimed) else {
+                    return;
+                };
                 let branches = self.branches.clone();
                 tokio::spawn(decide_and_acknowledge(branches, txn, outcome, from));
             }
@@ -75,6 +86,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
+        let _admitted = self.gate.admit(&req, "Agent.Execute", &[Kind::Client])?;
         let req = req.into_inner();
         let txn = txid(&req.txid)?;
         let branches = self.branches.clone();
@@ -87,11 +99,16 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         req: Request<tonic::Streaming<pb::PaxosBatch>>,
     ) -> Result<Response<pb::Empty>, Status> {
+        // Prepare and Decide come from replicas only: a decision from anyone else could commit
+        // this branch while another database aborts its own.
+        let caller = self
+            .gate
+            .allow(&req, "Agent.DeliverStream", &[Kind::Replica])?;
         let mut stream = req.into_inner();
         while let Some(batch) = stream.message().await? {
             for m in &batch.messages {
                 match delivered_from_pb(m) {
-                    Ok(d) => self.delivered(d),
+                    Ok(d) => self.delivered(&caller, d),
                     // One bad message must not cost the others on the stream.
                     Err(e) => tracing::warn!("dropping a message from a replica: {e}"),
                 }
@@ -100,20 +117,45 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    /// An operator's Decide (txctl resolve) is applied only when the group chose that
+    /// outcome: the agent asks the group itself (a replica takes the transaction over if it
+    /// must), as its in-doubt sweep does, and never takes the caller's word for it.
     async fn decide(&self, req: Request<pb::DecideRequest>) -> Result<Response<pb::Empty>, Status> {
+        let (caller, _permit) = self.gate.admit(&req, "Agent.Decide", &[Kind::Operator])?;
         let req = req.into_inner();
         let txn = txid(&req.txid)?;
-        let outcome = outcome_from_pb(req.outcome)
+        let asked = outcome_from_pb(req.outcome)
             .map_err(|e| Status::from(AgentError::BadRequest(e.to_string())))?;
         let branches = self.branches.clone();
-        detached(async move { branches.decide(txn, outcome).await }).await?;
+        let chosen = branches
+            .coordinators()
+            .resolve(txn, &[])
+            .await
+            .map_err(|s| {
+                Status::unavailable(format!(
+                    "cannot confirm the decision of {txn} with the coordinator group, so it is \
+                     not applied: {}",
+                    s.message()
+                ))
+            })?;
+        if chosen != asked {
+            tracing::warn!(%txn, caller = %caller.name(), %asked, %chosen, "refused a Decide that contradicts the group");
+            return Err(Status::failed_precondition(format!(
+                "the coordinator group decided {txn} {chosen}, not {asked}; nothing was done"
+            )));
+        }
+        tracing::info!(%txn, caller = %caller.name(), outcome = %chosen, "applying a decision an operator pushed");
+        detached(async move { branches.decide(txn, chosen).await }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn list_prepared(
         &self,
-        _req: Request<pb::Empty>,
+        req: Request<pb::Empty>,
     ) -> Result<Response<pb::ListPreparedResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Agent.ListPrepared", &[Kind::Operator])?;
         let prepared = self.branches.list_prepared().await?;
         Ok(Response::new(pb::ListPreparedResponse {
             participant: self.branches.participant().to_string(),
@@ -135,11 +177,46 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         req: Request<pb::HeuristicRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        let (caller, _permit) = self
+            .gate
+            .admit(&req, "Agent.Heuristic", &[Kind::Operator])?;
+        let operator = match &caller {
+            Caller::Peer(Role::Operator(name)) => name.clone(),
+            other => other.name(),
+        };
         let req = req.into_inner();
         let outcome = outcome_from_pb(req.outcome)
             .map_err(|e| Status::from(AgentError::BadRequest(e.to_string())))?;
+        // Whether the gid is ours is checked again where it is applied.
+        let (_, txn, _) = paxos_commit_core::types::parse_gid(&req.gid).ok_or_else(|| {
+            Status::from(AgentError::BadRequest(format!(
+                "{:?} is not a paxos-commit gid",
+                req.gid
+            )))
+        })?;
+        if !req.force {
+            return Err(Status::failed_precondition(
+                "a heuristic decision needs force: it bypasses the coordinator group",
+            ));
+        }
+        let statuses = paxos_commit_proto::heuristic::local_statuses(
+            self.branches.coordinators().replicas(),
+            &txn.to_string(),
+        )
+        .await;
+        let check = paxos_commit_proto::heuristic::check(outcome, &statuses);
+        let summary = check.checks.join("; ");
+        if let Some(c) = &check.contradiction {
+            tracing::warn!(gid = %req.gid, %operator, %outcome, "refused a heuristic decision: {c}");
+            return Err(Status::failed_precondition(format!(
+                "refused: {c} (checked: {summary})"
+            )));
+        }
+        tracing::warn!(gid = %req.gid, %operator, %outcome, "applying a HEURISTIC decision");
         let branches = self.branches.clone();
-        detached(async move { branches.heuristic(&req.gid, outcome).await }).await?;
+        let gid = req.gid.clone();
+        detached(async move { branches.heuristic(&gid, outcome, &operator, &summary).await })
+            .await?;
         Ok(Response::new(pb::Empty {}))
     }
 }

@@ -4,8 +4,8 @@
 
 use bytes::BytesMut;
 use paxos_commit_proto::pb::{self, value::Kind};
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::Row;
+use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
+use tokio_postgres::{Column, Row};
 
 /// A statement parameter already matched to its declared type.
 #[derive(Debug)]
@@ -97,6 +97,73 @@ fn value(kind: Kind) -> pb::Value {
     pb::Value { kind: Some(kind) }
 }
 
+/// The column types [`column`] returns as they are.
+fn returnable(ty: &Type) -> bool {
+    matches!(
+        *ty,
+        Type::BOOL
+            | Type::INT2
+            | Type::INT4
+            | Type::INT8
+            | Type::FLOAT4
+            | Type::FLOAT8
+            | Type::TEXT
+            | Type::VARCHAR
+            | Type::BPCHAR
+            | Type::NAME
+            | Type::BYTEA
+    )
+}
+
+/// Checks, before a statement runs, that every column of its result can be returned: a
+/// statement that changed rows and then failed on its RETURNING list would tempt the client to
+/// run it again, with a cast, in the same branch.
+pub fn check_columns(columns: &[Column]) -> Result<(), String> {
+    match columns.iter().find(|c| !returnable(c.type_())) {
+        None => Ok(()),
+        Some(c) => Err(unreturnable(c.name(), c.type_())),
+    }
+}
+
+fn unreturnable(name: &str, ty: &Type) -> String {
+    format!(
+        "column {name} has type {ty}, which is not returned as is: cast it in the query (for \
+         example {name}::text or {name}::float8)"
+    )
+}
+
+/// About how many bytes `v` takes in a response: its payload and the protobuf framing around
+/// it, counted on the high side so that a result within the agent's limit also fits a
+/// client's default 4 MiB message limit with the same setting.
+pub fn response_size(v: &pb::Value) -> usize {
+    let payload = match &v.kind {
+        Some(Kind::Text(s)) => s.len(),
+        Some(Kind::Bytes(b)) => b.len(),
+        Some(Kind::Int(_) | Kind::Float(_)) => 10,
+        Some(Kind::Bool(_) | Kind::Null(_)) | None => 1,
+    };
+    payload + 8
+}
+
+/// A `timestamptz` as PostgreSQL sends it: microseconds since 2000-01-01 UTC. The agent only
+/// compares two of them (has the branch's transaction changed?), so it needs no calendar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTimestamp(pub i64);
+
+impl<'a> FromSql<'a> for PgTimestamp {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> Result<PgTimestamp, Box<dyn std::error::Error + Sync + Send>> {
+        let bytes: [u8; 8] = raw.try_into()?;
+        Ok(PgTimestamp(i64::from_be_bytes(bytes)))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::TIMESTAMPTZ | Type::TIMESTAMP)
+    }
+}
+
 /// Converts column `i` of a row to a typed value.
 pub fn column(row: &Row, i: usize) -> Result<pb::Value, String> {
     let ty = row.columns()[i].type_().clone();
@@ -135,12 +202,33 @@ pub fn column(row: &Row, i: usize) -> Result<pb::Value, String> {
             .try_get::<_, Option<Vec<u8>>>(i)
             .map_err(err)?
             .map(Kind::Bytes),
-        other => {
-            return Err(format!(
-                "column {name} has type {other}, which is not returned as is: cast it in the \
-                 query (for example {name}::text or {name}::float8)"
-            ))
-        }
+        other => return Err(unreturnable(&name, &other)),
     };
     Ok(value(v.unwrap_or(Kind::Null(true))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_read_as_postgresql_sends_them() {
+        let raw = 812_345_678_901_234i64.to_be_bytes();
+        assert_eq!(
+            PgTimestamp::from_sql(&Type::TIMESTAMPTZ, &raw).unwrap(),
+            PgTimestamp(812_345_678_901_234)
+        );
+        assert!(PgTimestamp::from_sql(&Type::TIMESTAMPTZ, &raw[..4]).is_err());
+        assert!(<PgTimestamp as FromSql>::accepts(&Type::TIMESTAMPTZ));
+        assert!(!<PgTimestamp as FromSql>::accepts(&Type::TEXT));
+    }
+
+    #[test]
+    fn response_sizes_count_the_payload_and_some_framing() {
+        let text = pb::Value {
+            kind: Some(Kind::Text("x".repeat(100))),
+        };
+        assert!(response_size(&text) > 100);
+        assert!(response_size(&pb::Value::from(7i64)) >= 10);
+    }
 }

@@ -9,6 +9,7 @@ use crate::convert::outcome_from_pb;
 use crate::pb;
 use crate::pb::agent_client::AgentClient;
 use crate::pb::coordinator_client::CoordinatorClient;
+use crate::tls::{Security, Tls};
 use paxos_commit_core::Outcome;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -63,30 +64,46 @@ pub struct ClientConfig {
     pub agents: BTreeMap<String, String>,
     /// Deadline of each RPC.
     pub rpc_timeout: Option<Duration>,
+    /// This client's certificate (`spiffe://<group>/client/<name>`) and the deployment's CA;
+    /// `None` talks plaintext, which only servers started `insecure` accept.
+    pub tls: Option<Arc<Tls>>,
 }
 
-fn channel(address: &str, timeout: Option<Duration>) -> Result<Channel, ClientError> {
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+/// A lazily connected gRPC channel to `address` (host:port), over mutual TLS unless
+/// `security` is insecure; for the servers' own outbound links too.
+pub fn lazy_channel(
+    address: &str,
+    timeout: Option<Duration>,
+    security: &Security,
+) -> Result<Channel, ClientError> {
+    let bad = |reason: String| ClientError::BadAddress {
+        address: address.to_string(),
+        reason,
     };
-    let mut endpoint = Endpoint::from_shared(url)
-        .map_err(|e| ClientError::BadAddress {
-            address: address.to_string(),
-            reason: e.to_string(),
-        })?
+    if address.contains("://") {
+        return Err(bad(
+            "give host:port; the scheme follows from the TLS setting".into(),
+        ));
+    }
+    let scheme = if security.tls().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true);
+    if let Some(tls) = security.tls() {
+        let host = endpoint.uri().host().unwrap_or_default().to_string();
+        endpoint = endpoint
+            .tls_config(tls.client_config(&host))
+            .map_err(|e| bad(e.to_string()))?;
+    }
     if let Some(t) = timeout {
         endpoint = endpoint.timeout(t);
     }
     Ok(endpoint.connect_lazy())
-}
-
-/// A lazily connected gRPC channel to `address` (host:port or a URL), for other tools too.
-pub fn lazy_channel(address: &str, timeout: Option<Duration>) -> Result<Channel, ClientError> {
-    channel(address, timeout)
 }
 
 struct Inner {
@@ -113,15 +130,29 @@ fn is_unreachable(s: &Status) -> bool {
 impl Client {
     pub fn new(cfg: &ClientConfig) -> Result<Client, ClientError> {
         let timeout = cfg.rpc_timeout.or(Some(Duration::from_secs(30)));
+        let security = match &cfg.tls {
+            Some(tls) => Security::Tls(tls.clone()),
+            None => Security::Insecure,
+        };
+        let channel = |a: &String| lazy_channel(a, timeout, &security);
         let replicas = cfg
             .replicas
             .iter()
-            .map(|a| channel(a, timeout).map(CoordinatorClient::new))
+            .map(|a| {
+                channel(a).map(|c| {
+                    CoordinatorClient::new(c)
+                        .max_decoding_message_size(crate::limits::MAX_MESSAGE_BYTES)
+                })
+            })
             .collect::<Result<_, _>>()?;
         let agents = cfg
             .agents
             .iter()
-            .map(|(id, a)| Ok((id.clone(), AgentClient::new(channel(a, timeout)?))))
+            .map(|(id, a)| {
+                let agent = AgentClient::new(channel(a)?)
+                    .max_decoding_message_size(crate::limits::MAX_MESSAGE_BYTES);
+                Ok((id.clone(), agent))
+            })
             .collect::<Result<_, ClientError>>()?;
         Ok(Client {
             inner: Arc::new(Inner {
@@ -168,7 +199,8 @@ impl Client {
                         leader: r.leader as usize,
                     });
                 }
-                Err(s) if is_unreachable(&s) => last = s,
+                // A replica at its limit of open transactions: another may have room.
+                Err(s) if is_unreachable(&s) || s.code() == Code::ResourceExhausted => last = s,
                 Err(s) => return Err(ClientError::Rpc(s)),
             }
         }

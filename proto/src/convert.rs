@@ -1,8 +1,25 @@
 //! Conversions between the wire types and the core's types, shared by the coordinator and
 //! the agent so that both speak exactly the same protocol.
+//!
+//! Everything that arrives from the network passes through here first, so this is where
+//! unbounded or out-of-range input is refused (with [`BadMessage`], before the core sees it):
+//! ballots above [`MAX_BALLOT`] (their arithmetic would overflow), more than
+//! [`MAX_PARTICIPANTS`] participants or accepted values, participant ids that are not 1–64
+//! characters of `[A-Za-z0-9_-]` (the agent's own configuration rule), addresses longer than
+//! [`MAX_ADDRESS_LEN`], a participant listed twice. The core checks the protocol-level rules
+//! again (defence in depth), since the model checker and tests feed it directly.
 
 use crate::pb;
-use paxos_commit_core::{Msg, Outcome, Participant, ReplicaId, TxnId, Vote};
+use paxos_commit_core::types::{
+    ballot_in_range, is_valid_address, is_valid_participant_id, MAX_ADDRESS_LEN,
+    MAX_PARTICIPANT_ID_LEN,
+};
+pub use paxos_commit_core::types::{MAX_BALLOT, MAX_PARTICIPANTS};
+use paxos_commit_core::{Ballot, Msg, Outcome, Participant, ReplicaId, TxnId, Vote};
+use std::collections::BTreeSet;
+
+/// Longest text an Enlisted answer may carry (an error message for the agent's log).
+pub const MAX_ENLISTED_MESSAGE_LEN: usize = 4096;
 
 /// A message on the wire that does not make sense to the core.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +33,75 @@ impl std::fmt::Display for BadMessage {
 
 impl std::error::Error for BadMessage {}
 
+/// At most the first 64 characters of an input, for an error message: a refused input may be
+/// megabytes long and must not be copied whole into logs.
+fn excerpt(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+fn ballot_from_pb(what: &str, ballot: u64) -> Result<Ballot, BadMessage> {
+    if ballot_in_range(ballot) {
+        Ok(ballot)
+    } else {
+        Err(BadMessage(format!(
+            "{what} {ballot} is above the highest ballot {MAX_BALLOT}"
+        )))
+    }
+}
+
+/// A participant id from the wire: 1–64 characters of `[A-Za-z0-9_-]`.
+pub fn participant_id_from_pb(id: &str) -> Result<String, BadMessage> {
+    if is_valid_participant_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(BadMessage(format!(
+            "participant id {:?} is not 1-{MAX_PARTICIPANT_ID_LEN} characters of [A-Za-z0-9_-]",
+            excerpt(id)
+        )))
+    }
+}
+
+/// A participant from the wire, checked: a valid id and an address of 1–256 bytes.
+pub fn checked_participant_from_pb(p: &pb::Participant) -> Result<Participant, BadMessage> {
+    let id = participant_id_from_pb(&p.id)?;
+    if !is_valid_address(&p.address) {
+        return Err(BadMessage(format!(
+            "address {:?} of participant {id} is not 1-{MAX_ADDRESS_LEN} bytes without \
+             control characters",
+            excerpt(&p.address)
+        )));
+    }
+    Ok(Participant::new(id, p.address.clone()))
+}
+
+/// A participant set R from the wire, checked: at most [`MAX_PARTICIPANTS`], each valid,
+/// none listed twice (R is a set; two entries for one id would be two addresses for one
+/// participant).
+pub fn checked_participants_from_pb(
+    ps: &[pb::Participant],
+) -> Result<Vec<Participant>, BadMessage> {
+    if ps.len() > MAX_PARTICIPANTS {
+        return Err(BadMessage(format!(
+            "{} participants (at most {MAX_PARTICIPANTS})",
+            ps.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    ps.iter()
+        .map(|p| {
+            let p = checked_participant_from_pb(p)?;
+            if !seen.insert(p.id.clone()) {
+                return Err(BadMessage(format!("participant {} listed twice", p.id)));
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
 pub fn participant_to_pb(p: &Participant) -> pb::Participant {
     pb::Participant {
         id: p.id.clone(),
@@ -23,6 +109,8 @@ pub fn participant_to_pb(p: &Participant) -> pb::Participant {
     }
 }
 
+/// Unchecked: only for what a trusted peer reports (a replica's status answer). Anything a
+/// caller sends goes through [`checked_participant_from_pb`].
 pub fn participant_from_pb(p: &pb::Participant) -> Participant {
     Participant::new(p.id.clone(), p.address.clone())
 }
@@ -31,6 +119,8 @@ pub fn participants_to_pb(ps: &[Participant]) -> Vec<pb::Participant> {
     ps.iter().map(participant_to_pb).collect()
 }
 
+/// Unchecked: see [`participant_from_pb`]; callers' input goes through
+/// [`checked_participants_from_pb`].
 pub fn participants_from_pb(ps: &[pb::Participant]) -> Vec<Participant> {
     ps.iter().map(participant_from_pb).collect()
 }
@@ -217,9 +307,15 @@ pub fn delivered_from_pb(m: &pb::PaxosMessage) -> Result<Delivered, BadMessage> 
                 .participant
                 .as_ref()
                 .filter(|p| !p.id.is_empty() && !p.address.is_empty())
-                .map(participant_from_pb)
-                .ok_or_else(|| BadMessage("enlist needs a participant id and address".into()))?,
+                .ok_or_else(|| BadMessage("enlist needs a participant id and address".into()))
+                .and_then(checked_participant_from_pb)?,
         },
+        Some(Body::Enlisted(x)) if x.message.len() > MAX_ENLISTED_MESSAGE_LEN => {
+            return Err(BadMessage(format!(
+                "enlisted message of {} bytes (at most {MAX_ENLISTED_MESSAGE_LEN})",
+                x.message.len()
+            )))
+        }
         Some(Body::Enlisted(x)) => Delivered::Enlisted {
             txn,
             code: x.code,
@@ -227,7 +323,7 @@ pub fn delivered_from_pb(m: &pb::PaxosMessage) -> Result<Delivered, BadMessage> 
         },
         Some(Body::Applied(x)) if !x.participant.is_empty() => Delivered::Applied {
             txn,
-            participant: x.participant.clone(),
+            participant: participant_id_from_pb(&x.participant)?,
         },
         Some(Body::Applied(_)) => return Err(BadMessage("applied needs a participant".into())),
         _ => {
@@ -247,41 +343,37 @@ pub fn msg_from_pb(m: &pb::PaxosMessage) -> Result<(ReplicaId, Msg), BadMessage>
     let msg = match body {
         Body::Phase1a(x) => Msg::Phase1a {
             txn,
-            ballot: x.ballot,
-            participants: participants_from_pb(&x.participants),
+            ballot: ballot_from_pb("phase 1a ballot", x.ballot)?,
+            participants: checked_participants_from_pb(&x.participants)?,
         },
         Body::Phase1b(x) => Msg::Phase1b {
             txn,
-            ballot: x.ballot,
-            accepted: x
-                .accepted
-                .iter()
-                .map(|a| Ok((a.participant.clone(), a.ballot, vote_from_pb(a.vote)?)))
-                .collect::<Result<_, BadMessage>>()?,
-            participants: participants_from_pb(&x.participants),
+            ballot: ballot_from_pb("phase 1b ballot", x.ballot)?,
+            accepted: accepted_from_pb(&x.accepted)?,
+            participants: checked_participants_from_pb(&x.participants)?,
         },
         Body::Phase2a(x) => Msg::Phase2a {
             txn,
-            participant: x.participant.clone(),
-            ballot: x.ballot,
+            participant: participant_id_from_pb(&x.participant)?,
+            ballot: ballot_from_pb("phase 2a ballot", x.ballot)?,
             vote: vote_from_pb(x.vote)?,
-            participants: participants_from_pb(&x.participants),
+            participants: checked_participants_from_pb(&x.participants)?,
         },
         Body::Phase2b(x) => Msg::Phase2b {
             txn,
-            participant: x.participant.clone(),
-            ballot: x.ballot,
+            participant: participant_id_from_pb(&x.participant)?,
+            ballot: ballot_from_pb("phase 2b ballot", x.ballot)?,
             vote: vote_from_pb(x.vote)?,
         },
         Body::Nack(x) => Msg::Nack {
             txn,
-            ballot: x.ballot,
-            promised: x.promised,
+            ballot: ballot_from_pb("nack ballot", x.ballot)?,
+            promised: ballot_from_pb("nack promise", x.promised)?,
         },
         Body::Decided(x) => Msg::Decided {
             txn,
             outcome: outcome_from_pb(x.outcome)?,
-            participants: participants_from_pb(&x.participants),
+            participants: checked_participants_from_pb(&x.participants)?,
         },
         Body::Finished(x) => Msg::Finished {
             txn,
@@ -289,7 +381,7 @@ pub fn msg_from_pb(m: &pb::PaxosMessage) -> Result<(ReplicaId, Msg), BadMessage>
         },
         Body::Prepare(x) => Msg::Prepare {
             txn,
-            participants: participants_from_pb(&x.participants),
+            participants: checked_participants_from_pb(&x.participants)?,
         },
         Body::Decide(x) => Msg::Decide {
             txn,
@@ -302,6 +394,28 @@ pub fn msg_from_pb(m: &pb::PaxosMessage) -> Result<(ReplicaId, Msg), BadMessage>
         }
     };
     Ok((m.from_replica, msg))
+}
+
+/// A phase 1b's accepted values: at most one per instance, so at most [`MAX_PARTICIPANTS`].
+fn accepted_from_pb(accepted: &[pb::Accepted]) -> Result<Vec<(String, Ballot, Vote)>, BadMessage> {
+    if accepted.len() > MAX_PARTICIPANTS {
+        return Err(BadMessage(format!(
+            "{} accepted values (at most {MAX_PARTICIPANTS})",
+            accepted.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    accepted
+        .iter()
+        .map(|a| {
+            let p = participant_id_from_pb(&a.participant)?;
+            if !seen.insert(p.clone()) {
+                return Err(BadMessage(format!("accepted value of {p} listed twice")));
+            }
+            let ballot = ballot_from_pb("accepted ballot", a.ballot)?;
+            Ok((p, ballot, vote_from_pb(a.vote)?))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -397,5 +511,135 @@ mod tests {
         assert!(delivered_from_pb(&nobody).is_err());
         assert!(msg_from_pb(&enlist_to_pb(txn, &me)).is_err());
         assert!(delivered_from_pb(&applied_to_pb(txn, "")).is_err());
+    }
+
+    fn phase2a(
+        ballot: u64,
+        participant: &str,
+        participants: Vec<pb::Participant>,
+    ) -> pb::PaxosMessage {
+        wire(
+            TxnId::new(1, 3),
+            1,
+            pb::paxos_message::Body::Phase2a(pb::Phase2a {
+                participant: participant.into(),
+                ballot,
+                vote: vote_to_pb(Vote::Prepared),
+                participants,
+            }),
+        )
+    }
+
+    fn pbp(id: &str, address: &str) -> pb::Participant {
+        pb::Participant {
+            id: id.into(),
+            address: address.into(),
+        }
+    }
+
+    /// Regression: a ballot of u64::MAX reached the core, whose ballot arithmetic overflowed.
+    #[test]
+    fn ballots_above_the_limit_are_refused() {
+        use pb::paxos_message::Body;
+        let ok = || vec![pbp("a", "x:1")];
+        assert!(msg_from_pb(&phase2a(MAX_BALLOT, "a", ok())).is_ok());
+        for b in [MAX_BALLOT + 1, u64::MAX] {
+            assert!(msg_from_pb(&phase2a(b, "a", ok())).is_err());
+            let t = TxnId::new(0, 1);
+            let bodies = [
+                Body::Phase1a(pb::Phase1a {
+                    ballot: b,
+                    participants: ok(),
+                }),
+                Body::Phase1b(pb::Phase1b {
+                    ballot: 1,
+                    accepted: vec![pb::Accepted {
+                        participant: "a".into(),
+                        ballot: b,
+                        vote: 1,
+                    }],
+                    participants: ok(),
+                }),
+                Body::Phase2b(pb::Phase2b {
+                    participant: "a".into(),
+                    ballot: b,
+                    vote: 1,
+                }),
+                Body::Nack(pb::Nack {
+                    ballot: 1,
+                    promised: b,
+                }),
+                Body::Nack(pb::Nack {
+                    ballot: b,
+                    promised: 1,
+                }),
+            ];
+            for body in bodies {
+                let m = wire(t, 0, body);
+                assert!(msg_from_pb(&m).is_err(), "{m:?}");
+                assert!(delivered_from_pb(&m).is_err(), "{m:?}");
+            }
+        }
+    }
+
+    /// Regression: participant lists, ids and addresses were unbounded.
+    #[test]
+    fn unbounded_participants_ids_and_addresses_are_refused() {
+        let many = |n: usize| (0..n).map(|i| pbp(&format!("p{i}"), "x:1")).collect();
+        assert!(msg_from_pb(&phase2a(1, "p0", many(MAX_PARTICIPANTS))).is_ok());
+        assert!(msg_from_pb(&phase2a(1, "p0", many(MAX_PARTICIPANTS + 1))).is_err());
+        let long_id = "x".repeat(65);
+        let bad: Vec<pb::PaxosMessage> = vec![
+            phase2a(1, &long_id, vec![]),
+            phase2a(1, "", vec![]),
+            phase2a(1, "a:b", vec![]),
+            phase2a(1, "a", vec![pbp(&long_id, "x:1")]),
+            phase2a(1, "a", vec![pbp("a", "")]),
+            phase2a(1, "a", vec![pbp("a", &"x".repeat(257))]),
+            phase2a(1, "a", vec![pbp("a", "x\n1")]),
+            phase2a(1, "a", vec![pbp("a", "x:1"), pbp("a", "x:2")]),
+            applied_to_pb(TxnId::new(0, 1), "no spaces"),
+            enlist_to_pb(TxnId::new(0, 1), &Participant::new("a", "y".repeat(300))),
+            enlisted_to_pb(TxnId::new(0, 1), 0, 5, "m".repeat(5000)),
+            wire(
+                TxnId::new(0, 1),
+                0,
+                pb::paxos_message::Body::Phase1b(pb::Phase1b {
+                    ballot: 1,
+                    accepted: (0..=MAX_PARTICIPANTS)
+                        .map(|i| pb::Accepted {
+                            participant: format!("p{i}"),
+                            ballot: 0,
+                            vote: 1,
+                        })
+                        .collect(),
+                    participants: vec![],
+                }),
+            ),
+            wire(
+                TxnId::new(0, 1),
+                0,
+                pb::paxos_message::Body::Phase1b(pb::Phase1b {
+                    ballot: 1,
+                    accepted: ["a", "a"]
+                        .iter()
+                        .map(|p| pb::Accepted {
+                            participant: p.to_string(),
+                            ballot: 0,
+                            vote: 1,
+                        })
+                        .collect(),
+                    participants: vec![],
+                }),
+            ),
+        ];
+        for m in bad {
+            let err = delivered_from_pb(&m).expect_err("refused");
+            assert!(err.0.len() < 300, "error echoes the input: {err}");
+        }
+        assert!(msg_from_pb(&phase2a(1, &"x".repeat(64), vec![])).is_ok());
+        let mut plus = phase2a(1, "a", vec![]);
+        plus.txid = "+123456789abcdef".into();
+        assert!(msg_from_pb(&plus).is_err());
     }
 }

@@ -8,7 +8,11 @@ pub mod pb {
 
 pub mod client;
 pub mod convert;
+pub mod heuristic;
+pub mod limits;
+pub mod pki;
 pub mod sender;
+pub mod tls;
 
 /// The tokio runtime of the server binaries (coordinator replica, participant agent).
 ///

@@ -7,6 +7,10 @@
 //! reopens the stream when it breaks. Delivery is best effort: Paxos tolerates loss, its
 //! timers retry, and the one message that waits for an answer (an agent's enlistment) has a
 //! deadline of its own.
+//!
+//! The queue to each peer is bounded ([`QUEUE`] messages): a peer that is down or slow must
+//! not make this process grow without limit. A full queue drops the message, which Paxos
+//! tolerates like any other loss.
 
 use crate::pb;
 use crate::pb::acceptor_client::AcceptorClient;
@@ -21,11 +25,38 @@ use tonic::transport::Channel;
 /// Most messages shipped in one batch.
 const MAX_BATCH: usize = 4096;
 
+/// Most messages queued for one peer.
+pub const QUEUE: usize = 65_536;
+
+/// The sending end of one peer's queue.
+#[derive(Clone, Debug)]
+pub struct Link {
+    tx: mpsc::Sender<pb::PaxosMessage>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Link {
+    /// Queues a message; a full queue (the peer is down or far behind) drops it.
+    pub fn send(&self, m: pb::PaxosMessage) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(m) {
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n + 1,
+                    "a peer's message queue is full ({QUEUE}): dropping messages to it"
+                );
+            }
+        }
+    }
+}
+
 type Batches = ReceiverStream<pb::PaxosBatch>;
 type Call = Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>;
 
 /// Starts a sender to a replica's `Acceptor.DeliverStream`.
-pub fn to_replica(client: AcceptorClient<Channel>) -> mpsc::UnboundedSender<pb::PaxosMessage> {
+pub fn to_replica(client: AcceptorClient<Channel>) -> Link {
     spawn(move |batches| {
         let mut client = client.clone();
         Box::pin(async move { client.deliver_stream(batches).await.map(|_| ()) })
@@ -33,24 +64,25 @@ pub fn to_replica(client: AcceptorClient<Channel>) -> mpsc::UnboundedSender<pb::
 }
 
 /// Starts a sender to an agent's `Agent.DeliverStream`.
-pub fn to_agent(client: AgentClient<Channel>) -> mpsc::UnboundedSender<pb::PaxosMessage> {
+pub fn to_agent(client: AgentClient<Channel>) -> Link {
     spawn(move |batches| {
         let mut client = client.clone();
         Box::pin(async move { client.deliver_stream(batches).await.map(|_| ()) })
     })
 }
 
-fn spawn(
-    open: impl Fn(Batches) -> Call + Send + 'static,
-) -> mpsc::UnboundedSender<pb::PaxosMessage> {
-    let (tx, rx) = mpsc::unbounded_channel();
+fn spawn(open: impl Fn(Batches) -> Call + Send + 'static) -> Link {
+    let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(run(open, rx));
-    tx
+    Link {
+        tx,
+        dropped: Default::default(),
+    }
 }
 
 async fn run(
     open: impl Fn(Batches) -> Call + Send + 'static,
-    mut rx: mpsc::UnboundedReceiver<pb::PaxosMessage>,
+    mut rx: mpsc::Receiver<pb::PaxosMessage>,
 ) {
     loop {
         // Wait for traffic before opening a stream: an idle destination costs nothing.

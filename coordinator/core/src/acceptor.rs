@@ -5,7 +5,7 @@
 //! state is exactly what its durable records say, so a restarted replica replays them.
 
 use crate::msg::{Msg, Record};
-use crate::types::{Ballot, Outcome, Participant, TxnId, Vote};
+use crate::types::{ballot_in_range, Ballot, Outcome, Participant, TxnId, Vote, MAX_BALLOT};
 use std::collections::BTreeMap;
 
 /// What one acceptor knows of one transaction.
@@ -32,6 +32,9 @@ pub enum Reply {
     Accept { record: Option<Record>, msg: Msg },
     /// The ballot is below the promise.
     Reject { promised: Ballot },
+    /// Not a message any honest proposer or participant sends (a ballot out of range, a
+    /// vote for an instance outside R): nothing changes and nothing is answered.
+    Ignore,
 }
 
 impl AcceptorTxn {
@@ -47,6 +50,9 @@ impl AcceptorTxn {
         ballot: Ballot,
         participants: &[Participant],
     ) -> Reply {
+        if !ballot_in_range(ballot) {
+            return Reply::Ignore;
+        }
         self.learn_participants(participants);
         if ballot < self.promised {
             return Reply::Reject {
@@ -85,7 +91,17 @@ impl AcceptorTxn {
         vote: Vote,
         participants: &[Participant],
     ) -> Reply {
+        let in_r = |r: &[Participant]| r.is_empty() || r.iter().any(|p| p.id == participant);
+        if !ballot_in_range(ballot) || !in_r(participants) {
+            return Reply::Ignore;
+        }
         self.learn_participants(participants);
+        if !in_r(&self.participants) {
+            // An instance outside R can never matter to the decision, and accepting a value
+            // for it would only mislead whoever reads this acceptor's state (a takeover's
+            // phase 1b, a status query) into counting it.
+            return Reply::Ignore;
+        }
         if ballot < self.promised {
             return Reply::Reject {
                 promised: self.promised,
@@ -116,6 +132,12 @@ impl AcceptorTxn {
     }
 
     /// Replays one durable record (recovery).
+    ///
+    /// A ballot above [`MAX_BALLOT`] cannot have been written by this code (the core never
+    /// accepts one), so it means a corrupt or foreign log; it is clamped to `MAX_BALLOT`
+    /// rather than dropped or trusted. Clamping keeps the promise above every ballot a
+    /// proposer can use (those are below `MAX_BALLOT`), so the acceptor refuses exactly what
+    /// the larger promise refused, and nothing downstream overflows on it.
     pub fn apply(&mut self, record: &Record) {
         match record {
             Record::Promise {
@@ -123,8 +145,9 @@ impl AcceptorTxn {
                 participants,
                 ..
             } => {
+                let ballot = (*ballot).min(MAX_BALLOT);
                 self.learn_participants(participants);
-                self.promised = self.promised.max(*ballot);
+                self.promised = self.promised.max(ballot);
             }
             Record::Accept {
                 participant,
@@ -133,14 +156,15 @@ impl AcceptorTxn {
                 participants,
                 ..
             } => {
+                let ballot = (*ballot).min(MAX_BALLOT);
                 self.learn_participants(participants);
-                self.promised = self.promised.max(*ballot);
+                self.promised = self.promised.max(ballot);
                 let newer = self
                     .accepted
                     .get(participant)
-                    .is_none_or(|(b, _)| *b <= *ballot);
+                    .is_none_or(|(b, _)| *b <= ballot);
                 if newer {
-                    self.accepted.insert(participant.clone(), (*ballot, *vote));
+                    self.accepted.insert(participant.clone(), (ballot, *vote));
                 }
             }
             Record::Decided {
@@ -248,6 +272,63 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Regression: out-of-range ballots and votes for instances outside R change nothing.
+    #[test]
+    fn out_of_range_ballots_and_foreign_instances_are_ignored() {
+        let t = TxnId(1);
+        let mut acc = AcceptorTxn::default();
+        assert_eq!(acc.on_phase1a(t, u64::MAX, &r()), Reply::Ignore);
+        assert_eq!(acc.on_phase1a(t, MAX_BALLOT + 1, &r()), Reply::Ignore);
+        assert_eq!(
+            acc.on_phase2a(t, "a", u64::MAX, Vote::Aborted, &r()),
+            Reply::Ignore
+        );
+        assert_eq!(acc, AcceptorTxn::default());
+        // Not in the R the message carries, then not in the R the acceptor learned.
+        assert_eq!(
+            acc.on_phase2a(t, "z", 0, Vote::Aborted, &r()),
+            Reply::Ignore
+        );
+        assert!(matches!(
+            acc.on_phase2a(t, "a", 0, Vote::Prepared, &r()),
+            Reply::Accept { .. }
+        ));
+        assert_eq!(acc.on_phase2a(t, "z", 0, Vote::Aborted, &[]), Reply::Ignore);
+        assert_eq!(acc.accepted.len(), 1);
+        assert!(matches!(
+            acc.on_phase1a(t, MAX_BALLOT, &[]),
+            Reply::Accept { .. }
+        ));
+    }
+
+    /// Regression: replaying absurd ballots from a corrupt log clamps them, never panics.
+    #[test]
+    fn replay_clamps_absurd_ballots() {
+        let t = TxnId(1);
+        let mut acc = AcceptorTxn::default();
+        acc.apply(&Record::Promise {
+            txn: t,
+            ballot: u64::MAX,
+            participants: r(),
+        });
+        acc.apply(&Record::Accept {
+            txn: t,
+            participant: "a".into(),
+            ballot: u64::MAX - 1,
+            vote: Vote::Prepared,
+            participants: r(),
+        });
+        assert_eq!(acc.promised, MAX_BALLOT);
+        assert_eq!(acc.accepted["a"], (MAX_BALLOT, Vote::Prepared));
+        // Every ballot a proposer can use is still refused.
+        assert_eq!(
+            acc.on_phase1a(t, MAX_BALLOT - 1, &[]),
+            Reply::Reject {
+                promised: MAX_BALLOT
+            }
+        );
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl Coordination {
         vote: Vote,
         replicas: u32,
     ) -> bool {
-        if self.chosen.contains_key(instance) {
+        if self.chosen.contains_key(instance) || !self.in_r(instance) {
             return false;
         }
         let entry = self
@@ -116,10 +116,25 @@ impl Coordination {
         false
     }
 
-    /// The decision rule of Paxos Commit: Abort as soon as any instance chose Aborted,
+    /// Whether `instance` is one of the transaction's instances, as far as this replica knows
+    /// (any instance while R is unknown).
+    fn in_r(&self, instance: &str) -> bool {
+        self.participants.is_empty() || self.participants.contains_key(instance)
+    }
+
+    /// The decision rule of Paxos Commit: Abort as soon as any instance of R chose Aborted,
     /// Commit once every participant's instance chose Prepared.
+    ///
+    /// Only R's instances count: every replica that decides must reach the same answer, and
+    /// another replica (a takeover) proposes and counts over R alone, so a value chosen for an
+    /// instance outside R (which no honest participant sends, see the acceptor) must not
+    /// abort here what commits there.
     pub fn decision(&self) -> Option<(Outcome, String)> {
-        if let Some((p, _)) = self.chosen.iter().find(|(_, v)| **v == Vote::Aborted) {
+        if let Some((p, _)) = self
+            .chosen
+            .iter()
+            .find(|(p, v)| **v == Vote::Aborted && self.in_r(p))
+        {
             return Some((Outcome::Aborted, format!("participant {p} did not prepare")));
         }
         let all_prepared = !self.participants.is_empty()

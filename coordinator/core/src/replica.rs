@@ -11,7 +11,8 @@ use crate::acceptor::{AcceptorTxn, Reply};
 use crate::coordination::{Coordination, Phase};
 use crate::msg::{Dest, Msg, Output, Record};
 use crate::types::{
-    ballot_of, ballot_owner, majority, Ballot, Outcome, Participant, ReplicaId, TxnId, Vote,
+    ballot_in_range, ballot_of, ballot_owner, majority, max_round, Ballot, Outcome, Participant,
+    ReplicaId, TxnId, Vote, MAX_PARTICIPANTS,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -55,6 +56,12 @@ pub enum TxnError {
     NotLeader { txn: TxnId, leader: ReplicaId },
     /// Enlisting after the participant set was frozen.
     Frozen { txn: TxnId },
+    /// A participant id already enlisted from another agent address.
+    DuplicateParticipant {
+        txn: TxnId,
+        participant: String,
+        enlisted: String,
+    },
 }
 
 impl fmt::Display for TxnError {
@@ -74,6 +81,15 @@ impl fmt::Display for TxnError {
             TxnError::Frozen { txn } => write!(
                 f,
                 "transaction {txn} is committing or decided: no new participant may join"
+            ),
+            TxnError::DuplicateParticipant {
+                txn,
+                participant,
+                enlisted,
+            } => write!(
+                f,
+                "participant {participant} already joined transaction {txn} from the agent at \
+                 {enlisted}: two agents must never answer for one participant"
             ),
         }
     }
@@ -168,7 +184,12 @@ impl Replica {
         let mut replica = Replica::new(cfg, seed);
         for record in records {
             match record {
-                Record::Round { round } => replica.round = replica.round.max(*round),
+                Record::Round { round } => {
+                    // Clamped: a round beyond any ballot in range can only come from a
+                    // corrupt log, and `round + 1` must never overflow.
+                    let round = (*round).min(max_round(replica.cfg.replicas));
+                    replica.round = replica.round.max(round);
+                }
                 other => {
                     if let Some(txn) = record_txn(other) {
                         let entry = replica.acceptor.entry(txn).or_default();
@@ -189,7 +210,7 @@ impl Replica {
             } else {
                 replica.cfg.takeover_after_ms
             };
-            replica.arm(txn, now + after);
+            replica.arm(txn, now.saturating_add(after));
         }
         replica
     }
@@ -226,13 +247,24 @@ impl Replica {
 
     /// Starts a transaction led by this replica. `nonce` is the shell's randomness.
     pub fn begin(&mut self, now: u64, nonce: u64) -> TxnId {
+        self.begin_for(now, nonce, 0)
+    }
+
+    /// [`Replica::begin`] with the client's own deadline to reach Commit: `open_for_ms`
+    /// shortens the configured open timeout (0: the configured one); it never extends it,
+    /// since that bound is the operator's (how long row locks may be held).
+    pub fn begin_for(&mut self, now: u64, nonce: u64, open_for_ms: u64) -> TxnId {
+        let open_for = match open_for_ms {
+            0 => self.cfg.open_timeout_ms,
+            ms => ms.min(self.cfg.open_timeout_ms),
+        };
         let mut txn = TxnId::new(self.cfg.id, nonce);
         while self.coordination.contains_key(&txn) || self.acceptor.contains_key(&txn) {
             txn = TxnId::new(self.cfg.id, self.next_random());
         }
         self.coordination
             .insert(txn, Coordination::new(Phase::Open, now));
-        self.arm(txn, now + self.cfg.open_timeout_ms);
+        self.arm(txn, now.saturating_add(open_for));
         txn
     }
 
@@ -256,11 +288,24 @@ impl Replica {
         if coord.phase != Phase::Open {
             return Err(TxnError::Frozen { txn });
         }
-        coord
-            .participants
-            .entry(participant.id.clone())
-            .or_insert(participant);
-        Ok(())
+        match coord.participants.get(&participant.id) {
+            // Two agents answering for one participant id: Prepare would reach only the
+            // first, and the second one's branch would never be prepared or counted.
+            Some(known) if known.address != participant.address => {
+                Err(TxnError::DuplicateParticipant {
+                    txn,
+                    participant: participant.id,
+                    enlisted: known.address.clone(),
+                })
+            }
+            Some(_) => Ok(()),
+            None => {
+                coord
+                    .participants
+                    .insert(participant.id.clone(), participant);
+                Ok(())
+            }
+        }
     }
 
     /// Commit (or Prepare): freeze R and ask every participant to vote. Returns the decision
@@ -294,7 +339,7 @@ impl Replica {
                 },
             );
         }
-        self.arm(txn, now + self.cfg.takeover_after_ms);
+        self.arm(txn, now.saturating_add(self.cfg.takeover_after_ms));
         Ok(None)
     }
 
@@ -330,11 +375,33 @@ impl Replica {
             self.push_decision(now, txn);
             return Ok(Some(outcome));
         }
+        if txn.leader() >= self.cfg.replicas {
+            // No replica of this group minted it, and every replica drops messages about it
+            // (see `well_formed`): a phase 1 for it could only retry forever.
+            return Err(TxnError::Unknown {
+                txn,
+                expired: false,
+            });
+        }
+        if self.expired.set.contains(&txn) {
+            // Decided, finished (or never told R) and retired after the retention window: the
+            // outcome is gone from here, and a fresh phase 1 could not bring it back. Worse,
+            // its own phase 1a would be dropped as a late duplicate (see `handle`), so it
+            // would retry forever, persisting a new round each time.
+            return Err(TxnError::Unknown { txn, expired: true });
+        }
+        // The R a caller supplies is only a hint; one that cannot be R (a participant listed
+        // twice, too many, or not including the caller) is ignored rather than learned.
+        let participants = if plausible_r(participant, participants) {
+            participants
+        } else {
+            &[]
+        };
         let known = self.acceptor.contains_key(&txn) || self.coordination.contains_key(&txn);
         if !known && participant.is_none() && participants.is_empty() {
             return Err(TxnError::Unknown {
                 txn,
-                expired: self.expired.set.contains(&txn),
+                expired: false,
             });
         }
         if self
@@ -392,7 +459,7 @@ impl Replica {
             }
             self.deliver_loopback(now);
         }
-        self.arm(txn, now + self.cfg.retention_ms);
+        self.arm(txn, now.saturating_add(self.cfg.retention_ms));
     }
 
     // ------------------------------------------------------------------ messages
@@ -410,7 +477,57 @@ impl Replica {
         }
     }
 
+    /// Whether `msg` is one an honest replica or participant of this group could have sent:
+    /// every ballot in range, replica-only messages from a replica of the group, phase 1 and
+    /// ballots above 0 only from the replica that owns the ballot, and ballot-0 votes that
+    /// carry R. Anything else is dropped before it touches any state: the core is fed by the
+    /// network (through the shells' conversions, which already refuse most of it), by tests
+    /// and by the model checker, and must stay safe and panic-free whatever arrives.
+    fn well_formed(&self, from: ReplicaId, msg: &Msg) -> bool {
+        let replicas = self.cfg.replicas;
+        let replica = from < replicas;
+        let owns = |ballot: Ballot| ballot > 0 && replica && ballot_owner(ballot, replicas) == from;
+        // Transaction ids are minted by a replica of this group and name it.
+        msg.txn().leader() < replicas
+            && match msg {
+                Msg::Phase1a { ballot, .. } => ballot_in_range(*ballot) && owns(*ballot),
+                Msg::Phase1b {
+                    ballot, accepted, ..
+                } => {
+                    replica
+                        && *ballot > 0
+                        && ballot_in_range(*ballot)
+                        && accepted.iter().all(|(_, b, _)| ballot_in_range(*b))
+                }
+                Msg::Phase2a {
+                    participant,
+                    ballot: 0,
+                    participants,
+                    ..
+                } => {
+                    // The participant's own vote (`from` names no replica). It always carries
+                    // R: a chosen value whose R is unknown can neither commit nor abort once
+                    // the leader is gone, and only R tells the acceptor which instances exist.
+                    !participant.is_empty() && participants.iter().any(|p| p.id == *participant)
+                }
+                Msg::Phase2a {
+                    participant,
+                    ballot,
+                    ..
+                } => !participant.is_empty() && ballot_in_range(*ballot) && owns(*ballot),
+                Msg::Phase2b { ballot, .. } => replica && ballot_in_range(*ballot),
+                Msg::Nack {
+                    ballot, promised, ..
+                } => replica && *ballot > 0 && ballot_in_range(*promised) && ballot < promised,
+                Msg::Decided { .. } | Msg::Finished { .. } => replica,
+                Msg::Prepare { .. } | Msg::Decide { .. } => false,
+            }
+    }
+
     fn handle(&mut self, now: u64, from: ReplicaId, msg: Msg) {
+        if !self.well_formed(from, &msg) {
+            return;
+        }
         if self.expired.set.contains(&msg.txn()) {
             // A late duplicate about a transaction finished and retired long ago: answering it
             // would restart the protocol on a blank slate.
@@ -433,11 +550,7 @@ impl Replica {
                 vote,
                 participants,
             } => {
-                if ballot == 0 && vote == Vote::Prepared && participants.is_empty() {
-                    // Every Prepared acceptance must carry R: a chosen Prepared without it
-                    // can neither commit (R unknown) nor abort once the leader is gone.
-                    return;
-                }
+                // (A ballot-0 vote without R was refused by `well_formed`.)
                 let acc = self.acceptor_entry(now, txn);
                 let reply = acc.on_phase2a(txn, &participant, ballot, vote, &participants);
                 let to = if ballot == 0 {
@@ -494,7 +607,7 @@ impl Replica {
                         self.out.push(Output::Finished { txn, outcome });
                     }
                 }
-                self.arm(txn, now + retention);
+                self.arm(txn, now.saturating_add(retention));
             }
             // Agents' messages; a replica never receives them.
             Msg::Prepare { .. } | Msg::Decide { .. } => {}
@@ -509,6 +622,7 @@ impl Replica {
                 }
                 self.send_replica(to, msg);
             }
+            Reply::Ignore => {}
             Reply::Reject { promised } => {
                 if ballot > 0 {
                     self.send_replica(
@@ -611,7 +725,10 @@ impl Replica {
     }
 
     fn on_nack(&mut self, now: u64, txn: TxnId, ballot: Ballot, promised: Ballot) {
-        self.round = self.round.max(promised / u64::from(self.cfg.replicas));
+        // `promised` is in range (`well_formed`), so this round is too; clamped all the same,
+        // since the next phase 1 adds one to it.
+        let seen = promised / u64::from(self.cfg.replicas.max(1));
+        self.round = self.round.max(seen.min(max_round(self.cfg.replicas)));
         let Some(coord) = self.coordination.get_mut(&txn) else {
             return;
         };
@@ -624,16 +741,26 @@ impl Replica {
         coord.promises = None;
         coord.ballot = 0;
         let delay = self.backoff();
-        self.arm(txn, now + delay);
+        self.arm(txn, now.saturating_add(delay));
     }
 
     // ------------------------------------------------------------------ timers
 
     /// Fires every timer due at `now`.
+    ///
+    /// Only the timers due when the tick began: one that fires and re-arms at or before `now`
+    /// (a zero timeout, or a deadline saturated at u64::MAX) waits for the next tick instead
+    /// of spinning here forever.
     pub fn on_tick(&mut self, now: u64) {
-        while let Some(&(at, txn)) = self.timer_index.iter().next() {
-            if at > now {
-                break;
+        let due: Vec<(u64, TxnId)> = self
+            .timer_index
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .copied()
+            .collect();
+        for (at, txn) in due {
+            if self.timers.get(&txn) != Some(&at) {
+                continue; // disarmed or moved by a timer that fired before it
             }
             self.timer_index.remove(&(at, txn));
             self.timers.remove(&txn);
@@ -668,6 +795,8 @@ impl Replica {
         self.deliver_loopback(now);
     }
 
+    /// Deadlines saturate (`now.saturating_add`): the shell's clock is far from u64::MAX, but
+    /// a deadline must never wrap to the past and fire at once.
     fn arm(&mut self, txn: TxnId, at: u64) {
         self.disarm(txn);
         self.timers.insert(txn, at);
@@ -704,12 +833,27 @@ impl Replica {
 
     /// Phase 1 with a fresh ballot of this replica over every instance of `txn`.
     fn start_phase1(&mut self, now: u64, txn: TxnId) {
+        let replicas = self.cfg.replicas;
         let seen = self.acceptor.get(&txn).map_or(0, |a| a.promised);
-        self.round = self.round.max(seen / u64::from(self.cfg.replicas)) + 1;
-        let ballot = ballot_of(self.round, self.cfg.id, self.cfg.replicas);
+        let floor = self.round.max(seen / u64::from(replicas.max(1)));
+        let next = floor
+            .checked_add(1)
+            .and_then(|round| Some((round, ballot_of(round, self.cfg.id, replicas)?)));
+        let Some((round, ballot)) = next else {
+            // No ballot of this replica is left above what the acceptors promised. Only a
+            // promise near MAX_BALLOT does that, which no honest proposer makes (see
+            // `MAX_BALLOT`); wrapping around would reuse ballots. Stand down: the round is
+            // not spent, no timer is armed, and the decision may still be learned from others.
+            if let Some(coord) = self.coordination.get_mut(&txn) {
+                coord.promises = None;
+                coord.ballot = 0;
+            }
+            self.disarm(txn);
+            return;
+        };
+        self.round = round;
         self.out
             .push(Output::Persist(Record::Round { round: self.round }));
-        let replicas = self.cfg.replicas;
         let Some(coord) = self.coordination.get_mut(&txn) else {
             return;
         };
@@ -727,7 +871,7 @@ impl Replica {
             );
         }
         let delay = self.cfg.takeover_after_ms / 2 + self.backoff();
-        self.arm(txn, now + delay);
+        self.arm(txn, now.saturating_add(delay));
     }
 
     fn decide(&mut self, now: u64, txn: TxnId, outcome: Outcome, reason: String) {
@@ -789,7 +933,7 @@ impl Replica {
         if pending.is_empty() {
             if coord.participants.is_empty() {
                 // R unknown or empty: nothing to finish; keep the answer for retention.
-                self.arm(txn, now + self.cfg.retention_ms);
+                self.arm(txn, now.saturating_add(self.cfg.retention_ms));
             } else {
                 self.check_finished(now, txn);
             }
@@ -798,7 +942,7 @@ impl Replica {
         for p in pending {
             self.send(Dest::Agent(p), Msg::Decide { txn, outcome });
         }
-        self.arm(txn, now + self.cfg.resend_after_ms);
+        self.arm(txn, now.saturating_add(self.cfg.resend_after_ms));
     }
 
     fn learn_decision(
@@ -840,7 +984,7 @@ impl Replica {
             // Someone else decided; if it does not finish the job, this replica will. (Only
             // the first time: a duplicate Decided must not keep postponing that.)
             let delay = self.cfg.takeover_after_ms + self.backoff();
-            self.arm(txn, now + delay);
+            self.arm(txn, now.saturating_add(delay));
         }
     }
 
@@ -869,7 +1013,7 @@ impl Replica {
             // A transaction this replica did not lead: watch it, and take it over if its
             // leader stays silent. Jitter keeps replicas from starting together.
             let delay = self.cfg.takeover_after_ms + self.backoff();
-            self.arm(txn, now + delay);
+            self.arm(txn, now.saturating_add(delay));
         }
         self.acceptor.entry(txn).or_insert_with(|| AcceptorTxn {
             since: now,
@@ -979,6 +1123,14 @@ impl Replica {
     }
 }
 
+/// Whether `participants` can be the R of a transaction `participant` belongs to.
+fn plausible_r(participant: Option<&str>, participants: &[Participant]) -> bool {
+    let ids: BTreeSet<&str> = participants.iter().map(|p| p.id.as_str()).collect();
+    participants.len() <= MAX_PARTICIPANTS
+        && ids.len() == participants.len()
+        && participant.is_none_or(|p| participants.is_empty() || ids.contains(p))
+}
+
 fn record_txn(record: &Record) -> Option<TxnId> {
     match record {
         Record::Promise { txn, .. }
@@ -986,5 +1138,354 @@ fn record_txn(record: &Record) -> Option<TxnId> {
         | Record::Decided { txn, .. }
         | Record::Finished { txn, .. } => Some(*txn),
         Record::Round { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Regressions for inputs no honest party sends (found by an attacker and the fuzzers):
+    //! each must leave the replica unharmed and the transaction decidable.
+
+    use super::*;
+    use crate::types::MAX_BALLOT;
+
+    fn r() -> Vec<Participant> {
+        vec![Participant::new("a", "a:1"), Participant::new("b", "b:1")]
+    }
+
+    /// A single-replica group (classic 2PC) with one transaction committed and waiting for
+    /// votes: every phase 1 and 2 round trip happens inside one call.
+    fn voting() -> (Replica, TxnId) {
+        let mut rep = Replica::new(Config::new(0, 1), 1);
+        let txn = rep.begin(0, 7);
+        for p in r() {
+            rep.enlist(0, txn, p).expect("enlist");
+        }
+        assert_eq!(rep.commit(0, txn), Ok(None));
+        rep.drain();
+        (rep, txn)
+    }
+
+    #[test]
+    fn a_second_agent_for_one_participant_cannot_enlist() {
+        let mut rep = Replica::new(Config::new(0, 1), 1);
+        let txn = rep.begin(0, 7);
+        rep.enlist(0, txn, Participant::new("a", "a:1"))
+            .expect("first agent");
+        rep.enlist(0, txn, Participant::new("a", "a:1"))
+            .expect("the same agent again");
+        assert!(matches!(
+            rep.enlist(0, txn, Participant::new("a", "twin:1")),
+            Err(TxnError::DuplicateParticipant { .. })
+        ));
+        assert_eq!(
+            rep.status(txn).participants,
+            vec![Participant::new("a", "a:1")]
+        );
+    }
+
+    #[test]
+    fn a_client_may_shorten_the_open_timeout_but_not_extend_it() {
+        let mut rep = Replica::new(Config::new(0, 1), 1);
+        let short = rep.begin_for(0, 1, 500);
+        assert_eq!(rep.open_deadline(short), Some(500));
+        let long = rep.begin_for(0, 2, u64::MAX);
+        assert_eq!(rep.open_deadline(long), Some(rep.config().open_timeout_ms));
+        rep.on_tick(501);
+        assert_eq!(rep.status(short).decided, Some(Outcome::Aborted));
+        assert_eq!(rep.status(long).decided, None);
+    }
+
+    fn vote(rep: &mut Replica, txn: TxnId, p: &str, vote: Vote) {
+        let msg = Msg::Phase2a {
+            txn,
+            participant: p.into(),
+            ballot: 0,
+            vote,
+            participants: r(),
+        };
+        rep.on_message(0, ReplicaId::MAX, msg);
+    }
+
+    /// Regression: a phase 1a with ballot u64::MAX overflowed `seen / replicas + 1` and
+    /// `round * replicas + id` in the next phase 1 (a panic in debug builds; in release a
+    /// wrapped ballot, and a transaction that could never decide).
+    #[test]
+    fn phase1a_with_an_absurd_ballot_is_dropped_and_the_transaction_still_decides() {
+        let mut three = Replica::new(Config::new(0, 3), 1);
+        let txn = TxnId::new(0, 5);
+        for ballot in [u64::MAX, MAX_BALLOT + 1, u64::MAX - 1] {
+            for from in [1, 2] {
+                three.on_message(
+                    0,
+                    from,
+                    Msg::Phase1a {
+                        txn,
+                        ballot,
+                        participants: r(),
+                    },
+                );
+            }
+        }
+        assert!(three.drain().is_empty());
+        assert!(!three.status(txn).known);
+
+        let (mut rep, txn) = voting();
+        rep.on_message(
+            0,
+            0,
+            Msg::Phase1a {
+                txn,
+                ballot: u64::MAX,
+                participants: r(),
+            },
+        );
+        rep.on_message(
+            0,
+            0,
+            Msg::Nack {
+                txn,
+                ballot: 1,
+                promised: u64::MAX,
+            },
+        );
+        assert_eq!(rep.status(txn).promised, 0);
+        assert_eq!(rep.round, 0);
+        vote(&mut rep, txn, "a", Vote::Prepared);
+        // A takeover (here: the replica itself) still finds a ballot and settles b's
+        // instance as Aborted.
+        assert_eq!(
+            rep.resolve(10, txn, Some("b"), &[]),
+            Ok(Some(Outcome::Aborted))
+        );
+        assert!(rep.round >= 1 && rep.status(txn).promised < MAX_BALLOT);
+    }
+
+    /// Regression: a corrupt log (a round or promise near u64::MAX) made the next phase 1
+    /// overflow. Replay clamps; with no ballot left above the promise, the replica stands
+    /// down instead of wrapping around to a used ballot.
+    #[test]
+    fn absurd_records_are_clamped_on_replay() {
+        let txn = TxnId::new(0, 5);
+        let records = vec![
+            Record::Round { round: u64::MAX },
+            Record::Promise {
+                txn,
+                ballot: u64::MAX,
+                participants: r(),
+            },
+            Record::Accept {
+                txn,
+                participant: "a".into(),
+                ballot: u64::MAX,
+                vote: Vote::Prepared,
+                participants: r(),
+            },
+        ];
+        for replicas in [1, 3] {
+            let mut rep = Replica::recover(Config::new(0, replicas), 1, &records, 0);
+            assert!(rep.round <= max_round(replicas));
+            assert_eq!(rep.status(txn).promised, MAX_BALLOT);
+            assert_eq!(rep.resolve(0, txn, Some("b"), &r()), Ok(None));
+            rep.on_tick(u64::MAX);
+            let out = rep.drain();
+            assert!(
+                !out.iter()
+                    .any(|o| matches!(o, Output::Persist(Record::Round { .. }))),
+                "{out:?}"
+            );
+            assert!(rep.durable_records().iter().all(|rec| match rec {
+                Record::Round { round } => *round <= max_round(replicas),
+                Record::Promise { ballot, .. } | Record::Accept { ballot, .. } =>
+                    *ballot <= MAX_BALLOT,
+                _ => true,
+            }));
+        }
+    }
+
+    /// Messages no honest party sends change nothing: replica-only messages from outside the
+    /// group, ballots owned by another replica, votes without R or for an instance outside
+    /// R, transactions no replica of this group minted.
+    #[test]
+    fn malformed_messages_are_dropped() {
+        let (mut rep, txn) = voting();
+        let before = rep.clone();
+        let foreign = TxnId::new(9, 1);
+        let junk = vec![
+            (
+                5,
+                Msg::Phase2b {
+                    txn,
+                    participant: "a".into(),
+                    ballot: 0,
+                    vote: Vote::Aborted,
+                },
+            ),
+            (
+                5,
+                Msg::Decided {
+                    txn,
+                    outcome: Outcome::Aborted,
+                    participants: r(),
+                },
+            ),
+            (
+                0,
+                Msg::Phase2a {
+                    txn,
+                    participant: "a".into(),
+                    ballot: 0,
+                    vote: Vote::Aborted,
+                    participants: vec![],
+                },
+            ),
+            (
+                0,
+                Msg::Phase2a {
+                    txn,
+                    participant: "z".into(),
+                    ballot: 0,
+                    vote: Vote::Aborted,
+                    participants: r(),
+                },
+            ),
+            (
+                0,
+                Msg::Phase1b {
+                    txn,
+                    ballot: 1,
+                    accepted: vec![("a".into(), u64::MAX, Vote::Aborted)],
+                    participants: r(),
+                },
+            ),
+            (
+                0,
+                Msg::Phase2a {
+                    txn: foreign,
+                    participant: "a".into(),
+                    ballot: 0,
+                    vote: Vote::Aborted,
+                    participants: r(),
+                },
+            ),
+            (
+                0,
+                Msg::Nack {
+                    txn,
+                    ballot: 7,
+                    promised: 3,
+                },
+            ),
+        ];
+        for (from, msg) in junk {
+            rep.on_message(0, from, msg.clone());
+            assert!(rep.drain().is_empty(), "{msg:?} was not dropped");
+        }
+        assert_eq!(rep, before);
+        // A three-replica group: a phase 1a or 2a whose ballot belongs to another replica.
+        let mut three = Replica::new(Config::new(0, 3), 1);
+        for (from, ballot) in [(1, 3), (2, 4), (1, 0)] {
+            three.on_message(
+                0,
+                from,
+                Msg::Phase1a {
+                    txn,
+                    ballot,
+                    participants: r(),
+                },
+            );
+            if ballot == 0 {
+                continue; // a ballot-0 phase 2a is a participant's vote, whoever relays it
+            }
+            three.on_message(
+                0,
+                from,
+                Msg::Phase2a {
+                    txn,
+                    participant: "a".into(),
+                    ballot,
+                    vote: Vote::Aborted,
+                    participants: r(),
+                },
+            );
+        }
+        assert!(three.drain().is_empty());
+        // The honest votes still commit.
+        vote(&mut rep, txn, "a", Vote::Prepared);
+        vote(&mut rep, txn, "b", Vote::Prepared);
+        assert_eq!(rep.status(txn).decided, Some(Outcome::Committed));
+    }
+
+    /// Regression (found by the replica fuzzer): an in-doubt participant asking about a
+    /// transaction this replica had retired started a phase 1 whose own 1a it then dropped as
+    /// a late duplicate, and retried forever, persisting a new round each time. It now hears
+    /// that the transaction was forgotten.
+    #[test]
+    fn resolving_a_retired_transaction_says_so_and_starts_nothing() {
+        let (mut rep, txn) = voting();
+        vote(&mut rep, txn, "a", Vote::Prepared);
+        vote(&mut rep, txn, "b", Vote::Prepared);
+        assert_eq!(rep.status(txn).decided, Some(Outcome::Committed));
+        rep.on_applied(1, txn, "a");
+        rep.on_applied(1, txn, "b");
+        rep.on_tick(1 + rep.config().retention_ms);
+        assert!(rep.status(txn).expired);
+        rep.drain();
+        assert_eq!(
+            rep.resolve(2, txn, Some("a"), &r()),
+            Err(TxnError::Unknown { txn, expired: true })
+        );
+        assert_eq!(rep.next_deadline(), None);
+        assert!(rep.drain().is_empty());
+    }
+
+    /// Regression (found by the log fuzzer, which recovers replicas at any clock value):
+    /// deadlines near u64::MAX overflowed, and a tick at u64::MAX would have refired timers
+    /// that re-armed at the saturated deadline forever.
+    #[test]
+    fn deadlines_saturate_and_a_tick_fires_each_timer_once() {
+        let (mut rep, txn) = voting();
+        vote(&mut rep, txn, "a", Vote::Prepared);
+        rep.on_tick(u64::MAX - 5);
+        rep.on_tick(u64::MAX);
+        rep.on_tick(u64::MAX);
+        assert_eq!(rep.next_deadline(), Some(u64::MAX));
+    }
+
+    /// A transaction id no replica of this group minted (its leader byte names no replica)
+    /// is unknown: a phase 1 for it would be dropped everywhere and retried forever.
+    #[test]
+    fn resolving_a_transaction_of_no_replica_of_the_group_is_refused() {
+        let mut three = Replica::new(Config::new(0, 3), 1);
+        let txn = TxnId::new(9, 1);
+        assert_eq!(
+            three.resolve(0, txn, Some("a"), &r()),
+            Err(TxnError::Unknown {
+                txn,
+                expired: false
+            })
+        );
+        assert_eq!(three.commit(0, txn), three.abort(0, txn));
+        assert!(three.drain().is_empty());
+        assert_eq!(three.next_deadline(), None);
+    }
+
+    /// The R an in-doubt caller supplies is a hint: one that lists a participant twice, or
+    /// leaves out the caller itself, is not learned.
+    #[test]
+    fn an_implausible_r_from_a_caller_is_not_learned() {
+        let mut rep = Replica::new(Config::new(0, 1), 1);
+        let txn = TxnId::new(0, 9);
+        let twice = vec![Participant::new("a", "a:1"), Participant::new("a", "a:2")];
+        let _ = rep.resolve(0, txn, Some("a"), &twice);
+        assert!(rep.status(txn).participants.is_empty());
+        let mut rep = Replica::new(Config::new(0, 1), 1);
+        let without_caller = vec![Participant::new("b", "b:1")];
+        let _ = rep.resolve(0, txn, Some("a"), &without_caller);
+        assert!(rep.status(txn).participants.is_empty());
+        // A plausible one is.
+        let mut rep = Replica::new(Config::new(0, 1), 1);
+        let _ = rep.resolve(0, txn, Some("a"), &r());
+        assert_eq!(rep.status(txn).participants, r());
     }
 }

@@ -36,13 +36,18 @@ pub fn combine(views: &BTreeMap<u32, LocalStatus>, replicas: u32) -> TxnState {
                 .map(|((_, v), _)| *v)
         })
     };
-    if counts.keys().any(|p| chosen(p) == Some(Vote::Aborted)) {
-        return TxnState::Decided(Outcome::Aborted);
-    }
     let participants = views
         .values()
         .map(|v| &v.participants)
         .find(|p| !p.is_empty());
+    // As the decision rule: only the instances of R count, once R is known.
+    let in_r = |p: &str| participants.is_none_or(|ps| ps.iter().any(|x| x.id == p));
+    if counts
+        .keys()
+        .any(|p| in_r(p) && chosen(p) == Some(Vote::Aborted))
+    {
+        return TxnState::Decided(Outcome::Aborted);
+    }
     if let Some(ps) = participants {
         if ps.iter().all(|p| chosen(&p.id) == Some(Vote::Prepared)) {
             return TxnState::Decided(Outcome::Committed);

@@ -83,6 +83,49 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// A development certificate authority: `init` makes the CA, `issue` one certificate per
+    /// process (replica, agent, client or operator). The group comes from --group.
+    ///
+    /// Example: txctl --group bank certs init --dir certs &&
+    ///          txctl --group bank certs issue --dir certs --role replica --name 0 --host 10.0.0.1
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Makes ca.pem and ca-key.pem (keep the key offline; every process needs ca.pem).
+    Init {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+    },
+    /// Issues <role>-<name>.pem and <role>-<name>-key.pem, signed by the CA in --dir.
+    Issue {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, value_enum)]
+        role: CertRole,
+        /// Replica index, participant id, or client/operator name.
+        #[arg(long)]
+        name: String,
+        /// Host names or IP addresses others dial this process at (servers only), repeatable.
+        #[arg(long)]
+        host: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CertRole {
+    Replica,
+    Agent,
+    Client,
+    Operator,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -145,6 +188,9 @@ fn fail(e: &OpsError) -> ExitCode {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Certs(c) = &cli.command {
+        return certs(cli.config.group.as_deref(), c);
+    }
     let cfg = match cli.config.resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -173,6 +219,67 @@ async fn main() -> ExitCode {
                 HeuristicDecision::Abort => Outcome::Aborted,
             };
             heuristic(&deployment, &gid, outcome, force, cli.json).await
+        }
+        Command::Certs(_) => ExitCode::from(EXIT_USAGE),
+    }
+}
+
+fn certs(group: Option<&str>, command: &CertsCommand) -> ExitCode {
+    use paxos_commit_proto::pki::{Ca, Validity};
+    use paxos_commit_proto::tls::{valid_name, Role};
+    let Some(group) = group.filter(|g| valid_name(g)) else {
+        eprintln!("txctl certs: give the group (--group NAME, 1-64 of [A-Za-z0-9_-])");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let result = match command {
+        CertsCommand::Init { dir, days } => Ca::new(group, Validity::days(*days))
+            .and_then(|ca| ca.save(dir))
+            .map(|()| format!("wrote {0}/ca.pem and {0}/ca-key.pem", dir.display())),
+        CertsCommand::Issue {
+            dir,
+            role,
+            name,
+            host,
+            days,
+        } => {
+            let role = match role {
+                CertRole::Replica => match name.parse() {
+                    Ok(i) => Role::Replica(i),
+                    Err(_) => {
+                        eprintln!("txctl certs: a replica is named by its index (0, 1, ...)");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                },
+                CertRole::Agent => Role::Agent(name.clone()),
+                CertRole::Client => Role::Client(name.clone()),
+                CertRole::Operator => Role::Operator(name.clone()),
+            };
+            if !valid_name(name) {
+                eprintln!("txctl certs: --name must be 1-64 characters of [A-Za-z0-9_-]");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let file = role.to_string().replace('/', "-");
+            Ca::load(dir)
+                .and_then(|ca| ca.issue(group, &role, host, Validity::days(*days)))
+                .and_then(|issued| issued.save(dir, &file))
+                .map(|(cert, key)| {
+                    format!(
+                        "wrote {} and {} for {}",
+                        cert.display(),
+                        key.display(),
+                        role.uri(group)
+                    )
+                })
+        }
+    };
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("txctl certs: {e}");
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }

@@ -47,13 +47,15 @@ use workload::{DbConn, Driver, TaskConns};
     about = "paxos-commit benchmark: transfers across PostgreSQL databases, local vs raw 2PC vs Paxos Commit"
 )]
 struct Args {
-    /// CI smoke run: N=2, concurrency 1 and 8, modes local, raw-2pc, paxos-f0, paxos-f1, 1 s
+    /// CI smoke run: N=2, concurrency 1 and 8, modes local, raw-2pc, paxos-f0, paxos-f1 (and
+    /// paxos-f1-plaintext), 1 s
     /// per cell, 1000 accounts; exits non-zero if a cell committed nothing or saw errors.
     /// Other flags still override its settings.
     #[arg(long)]
     quick: bool,
-    /// Modes, comma-separated: local, raw-2pc, paxos-f0, paxos-f1, paxos-f2 (paxos-fF runs
-    /// 2F+1 coordinator replicas). Default: all of them.
+    /// Modes, comma-separated: local, raw-2pc, paxos-f0, paxos-f1, paxos-f1-plaintext,
+    /// paxos-f2 (paxos-fF runs 2F+1 coordinator replicas with mutual TLS on every link, as
+    /// deployed; -plaintext the same without TLS). Default: all of them.
     #[arg(long, value_delimiter = ',')]
     modes: Option<Vec<String>>,
     /// Numbers of databases (participants) per transfer, comma-separated. Default: 2,5.
@@ -104,13 +106,21 @@ const INITIAL_BALANCE: i64 = 1_000_000_000_000;
 /// pool (64).
 const MAX_CONCURRENCY: usize = 96;
 
-const ALL_MODES: [&str; 5] = ["local", "raw-2pc", "paxos-f0", "paxos-f1", "paxos-f2"];
+/// `paxos-f1-plaintext` is paxos-f1 without TLS, to show what TLS costs.
+const ALL_MODES: [&str; 6] = [
+    "local",
+    "raw-2pc",
+    "paxos-f0",
+    "paxos-f1",
+    "paxos-f1-plaintext",
+    "paxos-f2",
+];
 
 impl Config {
     fn from(args: Args) -> Result<Config> {
         let q = args.quick;
         let modes = args.modes.unwrap_or_else(|| {
-            let all: &[&str] = if q { &ALL_MODES[..4] } else { &ALL_MODES };
+            let all: &[&str] = if q { &ALL_MODES[..5] } else { &ALL_MODES };
             all.iter().map(|s| s.to_string()).collect()
         });
         let mut modes = modes;
@@ -187,9 +197,13 @@ impl Config {
             .collect()
     }
 
-    /// The F of each paxos mode, ascending, without duplicates.
-    fn paxos_fs(&self) -> Vec<usize> {
-        let mut fs: Vec<usize> = self.modes.iter().filter_map(|m| mode_f(m)).collect();
+    /// The deployments the paxos modes need, as (F, plaintext), without duplicates.
+    fn paxos_fs(&self) -> Vec<(usize, bool)> {
+        let mut fs: Vec<(usize, bool)> = self
+            .modes
+            .iter()
+            .filter_map(|m| Some((mode_f(m)?, m.ends_with(PLAINTEXT))))
+            .collect();
         fs.sort_unstable();
         fs.dedup();
         fs
@@ -202,9 +216,13 @@ fn sorted(mut v: Vec<usize>) -> Vec<usize> {
     v
 }
 
-/// `paxos-fF` → F.
+const PLAINTEXT: &str = "-plaintext";
+
+/// `paxos-fF` (mutual TLS, as deployed) or `paxos-fF-plaintext` → F.
 fn mode_f(mode: &str) -> Option<usize> {
-    mode.strip_prefix("paxos-f")?
+    let rest = mode.strip_prefix("paxos-f")?;
+    rest.strip_suffix(PLAINTEXT)
+        .unwrap_or(rest)
         .parse()
         .ok()
         .filter(|f| *f <= 3)
@@ -287,13 +305,17 @@ async fn run(
             .collect();
         // One deployment per F; the direct modes use the databases of the first one (all
         // are configured alike and equally fresh).
-        let cluster_fs = if fs.is_empty() { vec![0] } else { fs.clone() };
-        for (k, &f) in cluster_fs.iter().enumerate() {
+        let cluster_fs = if fs.is_empty() {
+            vec![(0, false)]
+        } else {
+            fs.clone()
+        };
+        for (k, &(f, plaintext)) in cluster_fs.iter().enumerate() {
             bar.set_message(format!(
                 "starting {n} PostgreSQL clusters, {} replicas, {n} agents",
                 2 * f + 1
             ));
-            let cluster = start_cluster(&names, f, cfg).await?;
+            let cluster = start_cluster(&names, f, plaintext, cfg).await?;
             if pg_version.is_none() {
                 // "15.4 (Debian 15.4-1)" → "15.4".
                 *pg_version = server_version(&cluster, &names[0])
@@ -340,8 +362,8 @@ async fn run(
                 roll_back_leftovers(&cluster, &names, &say).await?;
             }
 
-            if fs.contains(&f) {
-                let mode = format!("paxos-f{f}");
+            if fs.contains(&(f, plaintext)) {
+                let mode = format!("paxos-f{f}{}", if plaintext { PLAINTEXT } else { "" });
                 let driver = Driver::Paxos {
                     client: cluster.client.clone(),
                     participants: Arc::new(names.clone()),
@@ -362,7 +384,7 @@ async fn run(
                         coordinator_pids: cluster.replicas.iter().filter_map(|p| p.pid()).collect(),
                         agent_pids: cluster.agents.values().filter_map(|p| p.pid()).collect(),
                         pg_data_dirs: pg_data_dirs.clone(),
-                        coordinator: Some(cluster.client.clone()),
+                        coordinator: Some(cluster.operator.clone()),
                     };
                     let result =
                         run_cell(&cluster, &names, spec, &bar, cells.len() as u64 * cell_ms)
@@ -385,9 +407,15 @@ async fn run(
     Ok(())
 }
 
-async fn start_cluster(names: &[String], f: usize, cfg: &Config) -> Result<Cluster> {
+async fn start_cluster(
+    names: &[String],
+    f: usize,
+    plaintext: bool,
+    cfg: &Config,
+) -> Result<Cluster> {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut spec = Spec::new(&format!("bench-n{}-f{f}", names.len()), 2 * f + 1, &refs);
+    spec.insecure = plaintext;
     // Per-transaction info logs would be part of what is measured; production runs at warn.
     spec.env = vec![("RUST_LOG".into(), "warn".into())];
     spec.group = "bench".into();

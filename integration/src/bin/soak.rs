@@ -128,7 +128,7 @@ async fn main() -> Result<()> {
         };
         for (i, r) in cluster.replicas.iter().enumerate() {
             s.rss_kb.push(rss_kb(r.pid()));
-            let info = match cluster.client.replica(i) {
+            let info = match cluster.operator.replica(i) {
                 Some(mut c) => c
                     .cluster_info(pb::Empty {})
                     .await
