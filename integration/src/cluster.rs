@@ -45,6 +45,9 @@ pub struct Spec {
     /// Plaintext instead of mutual TLS (every process started `insecure`): for the benchmark
     /// that measures what TLS costs, and nothing else.
     pub insecure: bool,
+    /// TLS between each agent and its PostgreSQL server too (the server gets a certificate of
+    /// the deployment's CA; the agent verifies it).
+    pub database_tls: bool,
 }
 
 impl Spec {
@@ -108,6 +111,7 @@ impl Spec {
             replica_env: BTreeMap::new(),
             proxies: false,
             insecure: false,
+            database_tls: false,
             env: vec![(
                 "RUST_LOG".to_string(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -215,6 +219,18 @@ impl Cluster {
             )?);
         }
 
+        if spec.database_tls {
+            let pki = pki
+                .as_ref()
+                .context("TLS to PostgreSQL needs the deployment's CA")?;
+            for pg in pgs.values() {
+                let issued = pki.ca.issue_host(
+                    &["127.0.0.1".into()],
+                    paxos_commit_proto::pki::Validity::days(2),
+                )?;
+                pg.enable_tls(&issued.cert_pem, &issued.key_pem).await?;
+            }
+        }
         let agent_bin = binary_path("participant-agent")?;
         let mut agents = BTreeMap::new();
         let mut agent_addrs = BTreeMap::new();
@@ -237,6 +253,14 @@ impl Cluster {
                 "--in-doubt-after-ms".into(),
                 spec.in_doubt_after_ms.to_string(),
             ]);
+            if spec.database_tls {
+                if let Some(pki) = &pki {
+                    args.extend([
+                        "--database-tls-ca".into(),
+                        pki.dir.join("ca.pem").display().to_string(),
+                    ]);
+                }
+            }
             if let Some(advertise) = routes.agent_advertise.get(p) {
                 args.extend(["--advertise".into(), advertise.clone()]);
             }
