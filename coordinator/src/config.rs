@@ -183,21 +183,13 @@ impl ConfigArgs {
             )));
         }
         let security = Security::from_settings(
+            &group,
             self.insecure.or(file.insecure).unwrap_or(false),
             self.tls_ca.clone().or(file.tls_ca),
             self.tls_cert.clone().or(file.tls_cert),
             self.tls_key.clone().or(file.tls_key),
         )
         .map_err(ConfigError::Invalid)?;
-        if let Some(tls) = security.tls() {
-            if tls.group != group {
-                return Err(ConfigError::Invalid(format!(
-                    "the certificate {} belongs to group {:?}, this configuration is group {group:?}",
-                    tls.role.uri(&tls.group),
-                    tls.group
-                )));
-            }
-        }
         let ms = |flag: Option<u64>, file: Option<u64>, default: u64| {
             Duration::from_millis(flag.or(file).unwrap_or(default))
         };

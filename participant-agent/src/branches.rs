@@ -35,15 +35,17 @@ use tokio_postgres::types::{ToSql, Type};
 /// The most parameters one statement can have: the protocol counts them in 16 bits.
 pub const MAX_PARAMS: usize = 65535;
 
-/// Run on every connection the agent takes from the pool, before anything else and as its
-/// own implicit transaction (inside a branch's transaction a rollback would undo it): whatever
-/// session state an earlier branch left is gone. Settings made with `set_config(.., false)`
+/// Run on a branch's connection right after its transaction ended (PREPARE TRANSACTION or
+/// ROLLBACK), pipelined behind that statement and as its own implicit transaction, before
+/// the connection goes back to the pool: whatever session state the branch's statements left
+/// is gone, so every connection at rest in the pool is clean (the agent's own work, which
+/// runs no client SQL, then needs no reset of its own). Settings made with `set_config(.., false)`
 /// (RESET ALL), a role or session user set the same way (RESET ALL leaves those), session
 /// advisory locks, LISTEN from dynamic SQL, temporary tables (which would shadow the next
 /// branch's tables of the same name), sequence state. Cursors need no CLOSE ALL: only
 /// DECLARE, which the guard refuses, makes one outlive its transaction. DISCARD ALL and
-/// DEALLOCATE are not here: the pool's statement cache must stay valid. About 0.1 ms of
-/// server time, in the same round trip as the branch's first statement.
+/// DEALLOCATE are not here: the pool's statement cache must stay valid. About 0.15 ms of
+/// server time, once per branch, in the round trip that ends it.
 const CLEAN_SESSION: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
      SELECT pg_catalog.pg_advisory_unlock_all(); UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
 
@@ -199,7 +201,9 @@ struct Mark {
 }
 
 async fn mark(conn: &Object) -> Result<Mark, tokio_postgres::Error> {
-    let rows = conn.query_typed(MARK_SQL, &[]).await?;
+    // Cached: after a connection's first branch it costs a bind and an execute, no parse.
+    let stmt = conn.prepare_cached(MARK_SQL).await?;
+    let rows = conn.query(&stmt, &[]).await?;
     match rows.first() {
         Some(row) => Ok(Mark {
             branch: row.try_get(0)?,
@@ -487,14 +491,12 @@ impl Branches {
         e
     }
 
-    /// The SQL that opens a branch's transaction: the agent's timeouts, and the marker that
-    /// later checks compare with.
+    /// The SQL that opens a branch's transaction, with the marker that later checks compare
+    /// with. The agent's lock and statement timeouts are the pool's connection defaults
+    /// (startup options, which RESET ALL restores), so they cost no statement here.
     fn begin_sql(&self, txn: TxnId) -> String {
         format!(
-            "BEGIN; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
-             SET LOCAL paxos_commit.branch = {}",
-            self.settings.lock_timeout.as_millis(),
-            self.settings.statement_timeout.as_millis(),
+            "BEGIN; SET LOCAL paxos_commit.branch = {}",
             literal(&txn.to_string()),
         )
     }
@@ -514,19 +516,18 @@ impl Branches {
         let open = async {
             let conn = self.pool.get().await.map_err(AgentError::pool)?;
             let begin_sql = self.begin_sql(txn);
-            let (cleaned, begun, marked, ran) = tokio::join!(
-                conn.batch_execute(CLEAN_SESSION),
+            let (begun, marked, ran) = tokio::join!(
                 conn.batch_execute(&begin_sql),
                 mark(&conn),
                 statement(&conn, txn, sql, params, self.settings.max_result_bytes),
             );
-            let started = match (cleaned, begun, marked) {
-                (Ok(()), Ok(()), Ok(m)) if m.branch == Some(txn.to_string()) => Ok(m.started),
-                (Ok(()), Ok(()), Ok(m)) => Err(AgentError::Database(format!(
+            let started = match (begun, marked) {
+                (Ok(()), Ok(m)) if m.branch == Some(txn.to_string()) => Ok(m.started),
+                (Ok(()), Ok(m)) => Err(AgentError::Database(format!(
                     "the new transaction is not marked as branch {txn} but {:?}",
                     m.branch
                 ))),
-                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(AgentError::sql(e)),
+                (Err(e), _) | (_, Err(e)) => Err(AgentError::sql(e)),
             };
             match started {
                 Ok(started) => {
@@ -657,14 +658,19 @@ impl Branches {
             literal(self.participant()),
             literal(&gid),
         );
-        let gid_param = [(&gid as &(dyn ToSql + Sync), Type::TEXT)];
-        let (prepared, listed) = tokio::join!(
+        let (prepared, listed, cleaned) = tokio::join!(
             conn.batch_execute(&batch),
-            conn.query_typed(IS_PREPARED_SQL, &gid_param),
+            is_prepared_on(&conn, &gid),
+            conn.batch_execute(CLEAN_SESSION),
         );
         match (prepared, listed) {
-            (Ok(()), Ok(rows)) if !rows.is_empty() => Prepared::Yes,
-            (Ok(()), Ok(_)) => {
+            (Ok(()), Ok(true)) if cleaned.is_ok() => Prepared::Yes,
+            (Ok(()), Ok(true)) => {
+                // Prepared, but the session could not be reset: it does not go back.
+                discard(conn);
+                Prepared::Yes
+            }
+            (Ok(()), Ok(false)) => {
                 tracing::error!(
                     %txn,
                     "PREPARE TRANSACTION reported success but {gid} is not prepared: the \
@@ -808,54 +814,43 @@ impl Branches {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
         let txid = txn.to_string();
         let txid_param = [(&txid as &(dyn ToSql + Sync), Type::TEXT)];
-        let (cleaned, rows) = tokio::join!(
-            conn.batch_execute(CLEAN_SESSION),
-            conn.query_typed(
+        let rows = conn
+            .query_typed(
                 "SELECT 1 FROM paxos_commit.committed WHERE txid = $1",
                 &txid_param,
-            ),
-        );
-        cleaned.map_err(AgentError::sql)?;
-        Ok(!rows.map_err(AgentError::sql)?.is_empty())
+            )
+            .await
+            .map_err(AgentError::sql)?;
+        Ok(!rows.is_empty())
     }
 
     async fn finish_gid(&self, gid: &str, outcome: Outcome) -> Result<(), AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
         let sql = finish_sql(gid, outcome);
-        let (cleaned, finished) =
-            tokio::join!(conn.batch_execute(CLEAN_SESSION), conn.batch_execute(&sql));
-        cleaned.map_err(AgentError::sql)?;
-        finished.map_err(AgentError::sql)
+        conn.batch_execute(&sql).await.map_err(AgentError::sql)
     }
 
     async fn is_prepared(&self, txn: TxnId) -> Result<bool, AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        let gid = self.gid(txn);
-        let gid_param = [(&gid as &(dyn ToSql + Sync), Type::TEXT)];
-        let (cleaned, rows) = tokio::join!(
-            conn.batch_execute(CLEAN_SESSION),
-            conn.query_typed(IS_PREPARED_SQL, &gid_param),
-        );
-        cleaned.map_err(AgentError::sql)?;
-        Ok(!rows.map_err(AgentError::sql)?.is_empty())
+        is_prepared_on(&conn, &self.gid(txn))
+            .await
+            .map_err(AgentError::sql)
     }
 
     /// Our prepared transactions, from PostgreSQL itself.
     pub async fn list_prepared(&self) -> Result<Vec<PreparedRow>, AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        let (cleaned, rows) = tokio::join!(
-            conn.batch_execute(CLEAN_SESSION),
-            conn.query_typed(
+        let rows = conn
+            .query_typed(
                 "SELECT gid, database::text, \
                         (extract(epoch FROM pg_catalog.now() - prepared) * 1000)::int8 \
                    FROM pg_catalog.pg_prepared_xacts \
                   WHERE gid LIKE 'pxc:%' AND database = pg_catalog.current_database() \
                   ORDER BY prepared",
                 &[],
-            ),
-        );
-        cleaned.map_err(AgentError::sql)?;
-        let rows = rows.map_err(AgentError::sql)?;
+            )
+            .await
+            .map_err(AgentError::sql)?;
         let mut out = Vec::new();
         for row in rows {
             let gid: String = row.try_get(0).map_err(AgentError::sql)?;
@@ -926,16 +921,14 @@ impl Branches {
             (&outcome_text, Type::TEXT),
             (&checks, Type::TEXT),
         ];
-        let (cleaned, logged) = tokio::join!(
-            conn.batch_execute(CLEAN_SESSION),
-            conn.query_typed(
+        let rows = conn
+            .query_typed(
                 "INSERT INTO paxos_commit.heuristic_log (operator, gid, outcome, result, checks) \
                  VALUES ($1, $2, $3, 'attempting', $4) RETURNING id",
                 &record,
-            ),
-        );
-        cleaned.map_err(AgentError::sql)?;
-        let rows = logged.map_err(AgentError::sql)?;
+            )
+            .await
+            .map_err(AgentError::sql)?;
         let id: Option<i64> = rows.first().and_then(|r| r.try_get(0).ok());
         let finished = conn
             .batch_execute(&finish_sql(gid, outcome))
@@ -972,9 +965,6 @@ impl Branches {
     /// time.
     async fn prune_proofs(&self) -> Result<u64, AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
-        conn.batch_execute(CLEAN_SESSION)
-            .await
-            .map_err(AgentError::sql)?;
         let retention = self.settings.commit_proof_retention.as_secs_f64();
         let mut total = 0;
         loop {
@@ -1143,9 +1133,21 @@ fn discard(conn: Object) {
 /// Rolls back the open transaction on `conn`. A connection on which that fails does not go
 /// back to the pool: the next branch would start inside the old transaction.
 async fn roll_back(conn: Object) {
-    if conn.batch_execute("ROLLBACK").await.is_err() {
+    let (rolled_back, cleaned) = tokio::join!(
+        conn.batch_execute("ROLLBACK"),
+        conn.batch_execute(CLEAN_SESSION)
+    );
+    if rolled_back.is_err() || cleaned.is_err() {
         discard(conn);
     }
+}
+
+/// Whether `gid` is in `pg_prepared_xacts` (a cached statement: no parse per call).
+async fn is_prepared_on(conn: &Object, gid: &str) -> Result<bool, tokio_postgres::Error> {
+    let stmt = conn
+        .prepare_typed_cached(IS_PREPARED_SQL, &[Type::TEXT])
+        .await?;
+    Ok(!conn.query(&stmt, &[&gid]).await?.is_empty())
 }
 
 /// Runs one statement of `txn`'s branch, with the transaction check pipelined behind it.

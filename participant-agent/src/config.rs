@@ -2,7 +2,7 @@
 
 use crate::db_tls::DbConnect;
 use clap::Args;
-use paxos_commit_proto::tls::{Role, Security};
+use paxos_commit_proto::tls::{valid_name, Role, Security};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -173,8 +173,7 @@ impl AgentArgs {
             .clone()
             .or(file.participant)
             .ok_or_else(|| ConfigError::Invalid("a participant id is required".into()))?;
-        let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
-        if participant.is_empty() || participant.len() > 64 || !participant.chars().all(valid) {
+        if !valid_name(&participant) {
             return Err(ConfigError::Invalid(format!(
                 "participant id {participant:?} must be 1-64 characters of [A-Za-z0-9_-]"
             )));
@@ -184,12 +183,13 @@ impl AgentArgs {
             .clone()
             .or(file.group)
             .unwrap_or_else(|| "main".into());
-        if group.is_empty() || group.len() > 64 || !group.chars().all(valid) {
+        if !valid_name(&group) {
             return Err(ConfigError::Invalid(format!(
                 "group {group:?} must be 1-64 characters of [A-Za-z0-9_-]"
             )));
         }
         let security = Security::from_settings(
+            &group,
             self.insecure.or(file.insecure).unwrap_or(false),
             self.tls_ca.clone().or(file.tls_ca),
             self.tls_cert.clone().or(file.tls_cert),
@@ -198,7 +198,7 @@ impl AgentArgs {
         .map_err(ConfigError::Invalid)?;
         if let Some(tls) = security.tls() {
             let me = Role::Agent(participant.clone());
-            if tls.group != group || tls.role != me {
+            if tls.role != me {
                 return Err(ConfigError::Invalid(format!(
                     "this agent is {}, but its certificate names {}",
                     me.uri(&group),

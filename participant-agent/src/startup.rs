@@ -93,6 +93,15 @@ pub async fn prepare_database(cfg: &AgentConfig) -> Result<Pool, ServeError> {
     drop(client);
     let _ = conn_task.await;
 
+    // The branches' lock and statement timeouts as the pool connections' defaults: a
+    // statement pays nothing for them, and RESET ALL after each branch restores them.
+    let options = format!(
+        "{} -c lock_timeout={} -c statement_timeout={}",
+        pg_cfg.get_options().unwrap_or_default(),
+        cfg.lock_timeout.as_millis(),
+        cfg.statement_timeout.as_millis(),
+    );
+    pg_cfg.options(options.trim());
     let manager = cfg.database_tls.manager(
         pg_cfg,
         ManagerConfig {

@@ -124,52 +124,45 @@ impl Ca {
         hosts: &[String],
         validity: Validity,
     ) -> Result<Issued, PkiError> {
-        let mut params = CertificateParams::new(hosts.to_vec())?;
         let uri = role.uri(group);
-        params.subject_alt_names.push(SanType::URI(
+        let san = SanType::URI(
             uri.clone()
                 .try_into()
                 .map_err(|_| PkiError::Invalid(format!("{uri:?} is not an IA5 string")))?,
-        ));
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, uri);
-        params.distinguished_name = dn;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
+        );
+        let usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = validity.not_before;
-        params.not_after = validity.not_after;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        self.sign(hosts, Some(san), &uri, usages, validity)
     }
-}
 
-impl Ca {
     /// A server certificate with no paxos-commit identity (a PostgreSQL server's, say):
     /// valid for `hosts` only, so it can never pass for a process of the deployment.
     pub fn issue_host(&self, hosts: &[String], validity: Validity) -> Result<Issued, PkiError> {
+        let name = hosts.first().cloned().unwrap_or_default();
+        let usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(hosts, None, &name, usages, validity)
+    }
+
+    fn sign(
+        &self,
+        hosts: &[String],
+        identity: Option<SanType>,
+        common_name: &str,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        validity: Validity,
+    ) -> Result<Issued, PkiError> {
         let mut params = CertificateParams::new(hosts.to_vec())?;
+        params.subject_alt_names.extend(identity);
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            hosts.first().cloned().unwrap_or_default(),
-        );
+        dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;

@@ -228,7 +228,9 @@ pub enum Security {
 impl Security {
     /// TLS from three PEM files, or plaintext when (and only when) `insecure` is set: the
     /// settings of every process of the project.
+    /// The certificate must belong to `group`.
     pub fn from_settings(
+        group: &str,
         insecure: bool,
         ca: Option<PathBuf>,
         cert: Option<PathBuf>,
@@ -237,9 +239,18 @@ impl Security {
         match (insecure, ca, cert, key) {
             (true, None, None, None) => Ok(Security::Insecure),
             (true, ..) => Err("insecure = true and TLS files are both set: choose one".into()),
-            (false, Some(ca), Some(cert), Some(key)) => Tls::load(&ca, &cert, &key)
-                .map(|t| Security::Tls(Arc::new(t)))
-                .map_err(|e| format!("TLS: {e}")),
+            (false, Some(ca), Some(cert), Some(key)) => {
+                let tls = Tls::load(&ca, &cert, &key).map_err(|e| format!("TLS: {e}"))?;
+                if tls.group != group {
+                    return Err(format!(
+                        "the certificate {} belongs to group {:?}, this configuration is group \
+                         {group:?}",
+                        tls.role.uri(&tls.group),
+                        tls.group
+                    ));
+                }
+                Ok(Security::Tls(Arc::new(tls)))
+            }
             (false, ..) => Err(
                 "TLS needs tls_ca, tls_cert and tls_key (--tls-ca, --tls-cert, \
                  --tls-key); `txctl certs` makes a development CA and certificates. Plaintext \
