@@ -15,6 +15,9 @@ use paxos_commit_proto::sender::{self, Link};
 use paxos_commit_proto::tls::Security;
 use std::collections::{BTreeMap, HashMap};
 
+/// Most agent links kept at once (one per agent address).
+const MAX_AGENT_LINKS: usize = 1024;
+
 pub struct Peers {
     me: ReplicaId,
     replicas: Vec<Option<Link>>,
@@ -88,6 +91,16 @@ impl Peers {
         if let Some(link) = self.agents.get(&p.address) {
             link.send(wire);
             return;
+        }
+        if self.agents.len() >= MAX_AGENT_LINKS {
+            // Addresses come from agents' enlistments; a flood of made-up ones must not grow
+            // this map without end. Dropping the links ends their sender tasks; the live
+            // agents' links are made again on their next message.
+            tracing::warn!(
+                links = self.agents.len(),
+                "too many agent links; closing them all"
+            );
+            self.agents.clear();
         }
         match lazy_channel(&p.address, None, &self.security) {
             Ok(ch) => {

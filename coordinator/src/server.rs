@@ -313,9 +313,9 @@ impl pb::coordinator_server::Coordinator for Handle {
         let req = req.into_inner();
         let txn = parse_txid(&req.txid)?;
         if let Caller::Peer(paxos_commit_proto::tls::Role::Agent(own)) = &caller {
-            // An agent asks about its own instance only: the instance it names is one the
-            // takeover may settle.
-            if !req.participant.is_empty() && &req.participant != own {
+            // An agent asks about its own instance only, and must name it: the instance it
+            // names is one the takeover may settle.
+            if &req.participant != own {
                 return Err(Status::permission_denied(format!(
                     "agent {own} may not resolve on behalf of participant {}",
                     req.participant

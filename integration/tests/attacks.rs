@@ -343,6 +343,28 @@ async fn forged_paxos_messages_are_refused() -> Result<()> {
             &[Code::PermissionDenied, Code::InvalidArgument],
         )?;
     }
+    // An agent resolves its own instance only, and must name it: a short R given by anyone
+    // else could once make a takeover commit a subset of the transaction.
+    let mut agent_a = CoordinatorClient::new(channel(
+        &c.replica_addrs[1],
+        tls(&c, Role::Agent(A.into()))?,
+    )?);
+    for participant in ["", B] {
+        expect_code(
+            &format!("agent A resolving as {participant:?}"),
+            agent_a
+                .resolve(pb::ResolveRequest {
+                    txid: txid.clone(),
+                    participant: participant.into(),
+                    participants: vec![pb::Participant {
+                        id: A.into(),
+                        address: c.agent_addrs[A].clone(),
+                    }],
+                })
+                .await,
+            &[Code::PermissionDenied],
+        )?;
+    }
     // A client certificate cannot reach the operators' and replicas' calls either.
     let mut as_client = agent_as(&c, A, client())?;
     expect_code(
@@ -514,16 +536,31 @@ async fn statements_cannot_escape_their_branch() -> Result<()> {
         );
     }
 
-    // Session state changed through a function does not reach the next branch on the
-    // pooled connection.
-    let txn = c.client.begin().await?;
-    txn.execute(
-        A,
+    // Session state through functions, other sessions, SQL built at run time, and code that
+    // would run later: refused too.
+    for sql in [
         "SELECT set_config('search_path', 'pg_catalog', false)",
-        &[],
-    )
-    .await?;
-    txn.execute(A, "SELECT pg_advisory_lock(42)::text", &[])
+        "SELECT pg_advisory_lock(42)::text",
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'",
+        "SELECT query_to_xml('DELETE FROM transfers RETURNING 1', true, false, '')",
+        "CREATE FUNCTION sneaky() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
+        "DROP OWNED BY CURRENT_USER",
+    ] {
+        let txn = c.client.begin().await?;
+        let r = txn.execute(A, sql, &[]).await;
+        eprintln!(
+            "{sql:?}: {:?}",
+            r.as_ref().map(|_| ()).map_err(|e| e.to_string())
+        );
+        ensure!(
+            r.as_ref().err().and_then(|e| e.code()) == Some(Code::InvalidArgument),
+            "{sql:?} was not refused: {r:?}"
+        );
+        txn.abort().await?;
+    }
+    // A setting the branch may change (SET LOCAL) ends with it.
+    let txn = c.client.begin().await?;
+    txn.execute(A, "SET LOCAL search_path = pg_catalog", &[])
         .await?;
     ensure!(txn.commit().await?.outcome == paxos_commit_core::Outcome::Committed);
     for _ in 0..5 {

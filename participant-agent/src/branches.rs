@@ -32,6 +32,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
+/// Statements kept prepared per pooled connection; past it the cache starts over.
+const MAX_CACHED_STATEMENTS: usize = 256;
+
 /// The most parameters one statement can have: the protocol counts them in 16 bits.
 pub const MAX_PARAMS: usize = 65535;
 
@@ -1162,6 +1165,11 @@ async fn statement(
         result: Err(e),
         after: None,
     };
+    // Each distinct text stays prepared on the connection (and in the backend) while cached:
+    // a client sending ever new texts must not grow either without bound.
+    if conn.statement_cache.size() >= MAX_CACHED_STATEMENTS {
+        conn.statement_cache.clear();
+    }
     let stmt = match conn.prepare_cached(sql).await {
         Ok(stmt) => stmt,
         Err(e) => return refused(AgentError::sql(e)),

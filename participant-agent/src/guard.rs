@@ -51,6 +51,7 @@ pub fn check(sql: &str) -> Result<(), Refused> {
         return Err(Refused::Reserved);
     }
     fixed_settings_untouched(&tokens)?;
+    no_denied_function(&tokens)?;
     // Empty statements (`;;`) are nothing to PostgreSQL's parser; anything else after a `;`
     // is a second statement.
     let mut statements = tokens
@@ -823,8 +824,63 @@ const DDL_MODIFIERS: &[&str] = &[
     "recursive",
 ];
 
-/// Transactional DDL is fine; objects of the whole cluster (databases, tablespaces, roles)
-/// and the server's configuration are not a branch's business.
+/// Functions a branch may not call by name. They reach beyond the branch (other sessions,
+/// including the agent's own: terminating its lock's session would stop it), keep session
+/// state past it (session advisory locks, `set_config`: `SET LOCAL` is the way), or run
+/// SQL built from a string at run time, which no guard reading the statement can see
+/// (`query_to_xml`, `ts_stat`, dblink). Best effort, as any reading of names is: the
+/// privileges of the database role are the real fence (README, "The agent's PostgreSQL
+/// role").
+const DENIED_FUNCTIONS: &[&str] = &[
+    "set_config",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "ts_stat",
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "dblink_connect_u",
+    "dblink_send_query",
+    "dblink_open",
+    "pg_reload_conf",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "lo_import",
+    "lo_export",
+];
+
+fn no_denied_function(tokens: &[Token]) -> Result<(), Refused> {
+    for t in tokens {
+        if let Token::Word(name) | Token::Quoted(name) = t {
+            let name = name.to_lowercase();
+            if DENIED_FUNCTIONS.contains(&name.as_str()) {
+                return Err(refuse(
+                    name,
+                    "it reaches beyond the branch (other sessions, session state, or SQL built \
+                     at run time)",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Transactional DDL is fine, but not for objects that run code later, in other branches or
+/// as another role (functions, triggers, rules, operators, casts...): schema code belongs to
+/// migrations, not to a transfer. Objects of the whole cluster (databases, tablespaces,
+/// roles) and the server's configuration are not a branch's business either.
 fn ddl(verb: &str, rest: &[Token]) -> Result<(), Refused> {
     let mut words = rest
         .iter()
@@ -838,6 +894,12 @@ fn ddl(verb: &str, rest: &[Token]) -> Result<(), Refused> {
         Some("system") => "the server's configuration is not a transaction's business",
         Some("role" | "group") => "roles belong to the whole cluster",
         Some("user") if after != Some("mapping") => "roles belong to the whole cluster",
+        Some(
+            "function" | "procedure" | "trigger" | "rule" | "event" | "aggregate" | "operator"
+            | "cast" | "language" | "extension" | "routine" | "transform" | "conversion" | "policy"
+            | "publication" | "subscription" | "server",
+        ) => "it installs code or access rules that run later, outside this branch",
+        Some("owned") => "it acts on every object the agent's role owns",
         _ => return Ok(()),
     };
     let object = object.unwrap_or_default().to_ascii_uppercase();
@@ -892,8 +954,6 @@ mod tests {
             "SET LOCAL default_transaction_read_only = on",
             "SET CONSTRAINTS ALL DEFERRED",
             "CREATE TABLE t (id int primary key, note text default 'x;y')",
-            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$",
-            "CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS $body$ BEGIN RETURN 1; END $body$",
             "CREATE UNIQUE INDEX database ON t (id)",
             "CREATE TABLE database (id int)",
             "CREATE USER MAPPING FOR CURRENT_USER SERVER s",
@@ -910,10 +970,39 @@ mod tests {
             "SELECT 1 AS commit",
             "SELECT U&'\\0041'",
             "SELECT current_setting('statement_timeout')",
-            "SELECT set_config('app.user', 'x', true)",
         ] {
             assert_eq!(check(sql), Ok(()), "{sql}");
         }
+    }
+
+    #[test]
+    fn code_and_reach_beyond_the_branch_are_refused() {
+        for sql in [
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$",
+            "CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS $body$ BEGIN RETURN 1; END $body$",
+            "create procedure p() language sql as 'select 1'",
+            "CREATE TRIGGER t AFTER INSERT ON x FOR EACH ROW EXECUTE FUNCTION f()",
+            "CREATE OR REPLACE RULE r AS ON INSERT TO x DO INSTEAD NOTHING",
+            "CREATE EVENT TRIGGER e ON ddl_command_start EXECUTE FUNCTION f()",
+            "CREATE CONSTRAINT TRIGGER t AFTER INSERT ON x FOR EACH ROW EXECUTE FUNCTION f()",
+            "ALTER FUNCTION f() OWNER TO someone",
+            "DROP OWNED BY CURRENT_USER",
+            "CREATE EXTENSION dblink",
+            "SELECT set_config('app.user', 'x', true)",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity",
+            "SELECT pg_catalog.pg_advisory_lock(1)",
+            "SELECT \"pg_cancel_backend\"(1)",
+            "SELECT query_to_xml('DELETE FROM t RETURNING 1', true, false, '')",
+            "SELECT * FROM ts_stat('SELECT 1')",
+        ] {
+            assert!(
+                matches!(check(sql), Err(Refused::Command { .. })),
+                "{sql}: {:?}",
+                check(sql)
+            );
+        }
+        // Transaction-scoped advisory locks end with the branch: fine.
+        assert_eq!(check("SELECT pg_advisory_xact_lock(1)"), Ok(()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use paxos_commit_proto::convert::{delivered_from_pb, outcome_from_pb, txid_from_
 use paxos_commit_proto::pb;
 use paxos_commit_proto::tls::{Caller, Gate, Kind, Role};
 use std::sync::Arc;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 #[derive(Clone)]
 pub struct AgentService {
@@ -53,7 +53,8 @@ impl AgentService {
             }
             Delivered::Msg(claimed, Msg::Decide { txn, outcome }) => {
                 // The acknowledgement goes to the replica that really sent it.
-                let Some(from) = caller.replica_or(claimed) else {
+                let replicas = self.branches.coordinators().replicas().len() as u32;
+                let Some(from) = caller.replica_or(claimed).filter(|r| *r < replicas) else {
                     return;
                 };
                 let branches = self.branches.clone();
@@ -132,11 +133,23 @@ impl pb::agent_server::Agent for AgentService {
             .resolve(txn, &[])
             .await
             .map_err(|s| {
-                Status::unavailable(format!(
-                    "cannot confirm the decision of {txn} with the coordinator group, so it is \
-                     not applied: {}",
-                    s.message()
-                ))
+                // The group unreachable is worth retrying; its refusal (an unknown or
+                // forgotten transaction, a denied call) is not.
+                let code = match s.code() {
+                    Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Unknown => Code::Unavailable,
+                    other => other,
+                };
+                Status::new(
+                    code,
+                    format!(
+                        "cannot confirm the decision of {txn} with the coordinator group, so it \
+                         is not applied: {}",
+                        s.message()
+                    ),
+                )
             })?;
         if chosen != asked {
             tracing::warn!(%txn, caller = %caller.name(), %asked, %chosen, "refused a Decide that contradicts the group");

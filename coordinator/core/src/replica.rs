@@ -369,9 +369,6 @@ impl Replica {
         participants: &[Participant],
     ) -> Result<Option<Outcome>, TxnError> {
         if let Some(outcome) = self.known_decision(txn) {
-            if let Some(c) = self.coordination.get_mut(&txn) {
-                c.learn_participants(participants);
-            }
             self.push_decision(now, txn);
             return Ok(Some(outcome));
         }
@@ -390,15 +387,19 @@ impl Replica {
             // would retry forever, persisting a new round each time.
             return Err(TxnError::Unknown { txn, expired: true });
         }
-        // The R a caller supplies is only a hint; one that cannot be R (a participant listed
-        // twice, too many, or not including the caller) is ignored rather than learned.
-        let participants = if plausible_r(participant, participants) {
-            participants
-        } else {
-            &[]
-        };
+        // The R a caller supplies is never learned as R: it only names instances to ask
+        // about. A takeover decides over the R the acceptors report in phase 1 (the one the
+        // leader froze and every vote carries), or, when no acceptor of its quorum knows R
+        // (then no value can have been chosen), aborts the instances it was asked about.
+        // Taken as R, a caller's short list would let a takeover commit a subset of a
+        // transaction whose leader aborted it.
+        let hinted: Vec<String> = participants
+            .iter()
+            .take(MAX_PARTICIPANTS)
+            .map(|p| p.id.clone())
+            .collect();
         let known = self.acceptor.contains_key(&txn) || self.coordination.contains_key(&txn);
-        if !known && participant.is_none() && participants.is_empty() {
+        if !known && participant.is_none() && hinted.is_empty() {
             return Err(TxnError::Unknown {
                 txn,
                 expired: false,
@@ -414,7 +415,7 @@ impl Replica {
             return Ok(Some(Outcome::Aborted));
         }
         let coord = self.takeover_state(now, txn);
-        coord.learn_participants(participants);
+        coord.instances_hint.extend(hinted);
         if let Some(p) = participant {
             coord.instances_hint.insert(p.to_string());
         }
@@ -1123,14 +1124,6 @@ impl Replica {
     }
 }
 
-/// Whether `participants` can be the R of a transaction `participant` belongs to.
-fn plausible_r(participant: Option<&str>, participants: &[Participant]) -> bool {
-    let ids: BTreeSet<&str> = participants.iter().map(|p| p.id.as_str()).collect();
-    participants.len() <= MAX_PARTICIPANTS
-        && ids.len() == participants.len()
-        && participant.is_none_or(|p| participants.is_empty() || ids.contains(p))
-}
-
 fn record_txn(record: &Record) -> Option<TxnId> {
     match record {
         Record::Promise { txn, .. }
@@ -1473,19 +1466,16 @@ mod tests {
     /// The R an in-doubt caller supplies is a hint: one that lists a participant twice, or
     /// leaves out the caller itself, is not learned.
     #[test]
-    fn an_implausible_r_from_a_caller_is_not_learned() {
-        let mut rep = Replica::new(Config::new(0, 1), 1);
-        let txn = TxnId::new(0, 9);
-        let twice = vec![Participant::new("a", "a:1"), Participant::new("a", "a:2")];
-        let _ = rep.resolve(0, txn, Some("a"), &twice);
-        assert!(rep.status(txn).participants.is_empty());
-        let mut rep = Replica::new(Config::new(0, 1), 1);
-        let without_caller = vec![Participant::new("b", "b:1")];
-        let _ = rep.resolve(0, txn, Some("a"), &without_caller);
-        assert!(rep.status(txn).participants.is_empty());
-        // A plausible one is.
-        let mut rep = Replica::new(Config::new(0, 1), 1);
-        let _ = rep.resolve(0, txn, Some("a"), &r());
-        assert_eq!(rep.status(txn).participants, r());
+    fn an_r_from_a_caller_is_never_learned() {
+        for given in [
+            vec![Participant::new("a", "a:1"), Participant::new("a", "a:2")],
+            vec![Participant::new("b", "b:1")],
+            r(),
+        ] {
+            let mut rep = Replica::new(Config::new(0, 1), 1);
+            let txn = TxnId::new(0, 9);
+            let _ = rep.resolve(0, txn, Some("a"), &given);
+            assert!(rep.status(txn).participants.is_empty(), "{given:?}");
+        }
     }
 }

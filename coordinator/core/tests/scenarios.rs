@@ -799,7 +799,8 @@ fn in_doubt_participant_supplies_r_to_a_replica_that_knows_nothing() {
     ));
     let answer = sim.with(2, |rep, now| rep.resolve(now, txn, Some("a"), &r));
     assert_eq!(answer, Ok(None), "not known yet: phase 1 started");
-    assert_eq!(sim.status(2, txn).participants, r);
+    // The caller's R only names what to ask about: R comes from the acceptors' phase 1b.
+    assert!(sim.status(2, txn).participants.is_empty());
     let ballot = sim
         .queue
         .iter()
@@ -809,7 +810,7 @@ fn in_doubt_participant_supplies_r_to_a_replica_that_knows_nothing() {
                 participants,
                 ..
             }) => {
-                assert_eq!(participants, &r);
+                assert!(participants.is_empty());
                 Some(*ballot)
             }
             _ => None,
@@ -834,12 +835,49 @@ fn in_doubt_participant_whose_vote_reached_no_one_alive_gets_abort() {
     assert_eq!(answer, Ok(None));
     sim.deliver_all();
     assert_eq!(unanimous(&sim), Some(Outcome::Aborted));
-    assert!(all_agents_got(&sim, Outcome::Aborted));
+    // No acceptor alive knows R, so nobody is told: each in-doubt participant learns the
+    // outcome by asking, as b just did.
+    for p in ["a", "b"] {
+        let answer = sim.with(2, |rep, now| rep.resolve(now, txn, Some(p), &[]));
+        assert_eq!(answer, Ok(Some(Outcome::Aborted)), "{p}");
+    }
     // When the old leader recovers with both Prepared votes accepted in ballot 0, it still
     // ends Aborted: one acceptor out of three never made them chosen.
     sim.recover(0, false);
     sim.run_until(100, 20_000, |s| s.status(0, txn).decided.is_some());
     assert_eq!(sim.status(0, txn).decided, Some(Outcome::Aborted));
+}
+
+/// A caller of Resolve (an operator, or an agent) that names a shorter R than the leader
+/// froze must not make a takeover commit that subset. The attack: a voted Prepared, b voted
+/// Aborted, both votes reached acceptors 0 and 2, and leader 0 decided Aborted; replica 1,
+/// which never heard of the transaction, is asked to resolve it with R = [a].
+#[test]
+fn a_short_r_from_a_caller_cannot_split_a_decided_transaction() {
+    let mut sim = Sim::new(3, &[("a", Policy::Silent), ("b", Policy::Silent)]);
+    let txn = sim.begin_and_commit();
+    let r: Vec<Participant> = vec![sim.participant("a"), sim.participant("b")];
+    for id in ["a", "b"] {
+        sim.agents.get_mut(id).expect("agent").participants = r.clone();
+    }
+    sim.drop_where(|e| matches!(e.to, Node::Agent(_)));
+    sim.vote("a", txn, Vote::Prepared, Some(&[0, 2]));
+    sim.vote("b", txn, Vote::Aborted, Some(&[0, 2]));
+    // Replica 1 hears nothing of it (restarting, or its links held up).
+    sim.deliver_where(|e| e.to != Node::Replica(1));
+    sim.drop_where(|e| e.to == Node::Replica(1));
+    assert_eq!(sim.status(0, txn).decided, Some(Outcome::Aborted));
+    assert!(!sim.status(1, txn).known);
+    let short = vec![sim.participant("a")];
+    let _ = sim.with(1, |rep, now| rep.resolve(now, txn, None, &short));
+    sim.deliver_all();
+    sim.run_until(100, 20_000, |s| s.status(1, txn).decided.is_some());
+    assert_eq!(sim.status(1, txn).decided, Some(Outcome::Aborted));
+    assert_eq!(unanimous(&sim), Some(Outcome::Aborted));
+    assert!(sim.agents["a"]
+        .outcomes
+        .iter()
+        .all(|o| *o == Outcome::Aborted));
 }
 
 /// A participant that restarted after PREPARE no longer knows R. A Prepared vote without R
