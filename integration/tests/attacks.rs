@@ -621,3 +621,53 @@ async fn a_second_agent_for_one_database_refuses_to_start() -> Result<()> {
     assert_no_split(&c, &[&txid]).await?;
     Ok(())
 }
+
+/// Bounded input: requests too large for any server answer RESOURCE_EXHAUSTED, statements
+/// and parameter lists beyond the agent's limits INVALID_ARGUMENT (never a retryable code),
+/// and none of it leaves anything behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_requests_get_clear_codes() -> Result<()> {
+    let c = deployment(Spec::new("attack-sizes", 1, &[A])).await?;
+    let cases: [(&str, String, usize, Code); 3] = [
+        // Above the 8 MiB a server decodes at all.
+        (
+            "a 9 MiB request",
+            format!("SELECT 1 /* {} */", "x".repeat(9 << 20)),
+            0,
+            Code::ResourceExhausted,
+        ),
+        // Decoded, but above the agent's 1 MiB statement limit.
+        (
+            "a 2 MiB statement",
+            format!("SELECT 1 /* {} */", "x".repeat(2 << 20)),
+            0,
+            Code::InvalidArgument,
+        ),
+        // Beyond what the PostgreSQL protocol can carry.
+        (
+            "65536 parameters",
+            "SELECT 1".to_string(),
+            65_536,
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, sql, n, code) in cases {
+        let txn = c.client.begin().await?;
+        let params = vec![pb::Value::from(1); n];
+        let r = txn.execute(A, &sql, &params).await;
+        eprintln!("{what}: {:?}", r.as_ref().map(|_| ()).map_err(|e| e.code()));
+        ensure!(
+            r.as_ref().err().and_then(|e| e.code()) == Some(code),
+            "{what}: expected {code:?}, got {:?}",
+            r.as_ref().map(|_| ()).map_err(|e| e.to_string())
+        );
+        txn.abort().await?;
+    }
+    let (txid, outcome) = bank::transfer(&c.client, (A, 1), (A, 2), 5).await?;
+    ensure!(outcome == TransferOutcome::Committed, "{outcome:?}");
+    ensure!(bank::rows_of(&c, &txid).await?[A] == 2);
+    if let Err(e) = c.wait_no_prepared(Duration::from_secs(30)).await {
+        panic!("{e:#}");
+    }
+    Ok(())
+}

@@ -67,14 +67,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Proofs deleted per statement while pruning, so one prune never holds many locks long.
 const PRUNE_BATCH: i64 = 10_000;
 
-/// The limits and settings every branch runs with.
+/// The limits and settings every branch runs with (its lock and statement timeouts are the
+/// pool connections' defaults: see `startup::prepare_database`).
 #[derive(Debug, Clone)]
 pub struct BranchSettings {
-    /// A statement waiting this long for a lock fails: PostgreSQL cannot see a deadlock that
-    /// spans two databases, so the wait must end on its own.
-    pub lock_timeout: Duration,
-    /// A statement running this long is cancelled (zero: no limit).
-    pub statement_timeout: Duration,
     /// Longest SQL text accepted.
     pub max_statement_bytes: usize,
     /// Largest result returned (about its size in the response).
@@ -89,8 +85,6 @@ pub struct BranchSettings {
 impl BranchSettings {
     pub fn from_config(cfg: &AgentConfig) -> BranchSettings {
         BranchSettings {
-            lock_timeout: cfg.lock_timeout,
-            statement_timeout: cfg.statement_timeout,
             max_statement_bytes: cfg.max_statement_bytes,
             max_result_bytes: cfg.max_result_bytes,
             max_open_branches: cfg.max_open_branches,
