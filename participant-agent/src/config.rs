@@ -178,16 +178,8 @@ impl AgentArgs {
                 "participant id {participant:?} must be 1-64 characters of [A-Za-z0-9_-]"
             )));
         }
-        let group = self
-            .group
-            .clone()
-            .or(file.group)
-            .unwrap_or_else(|| "main".into());
-        if !valid_name(&group) {
-            return Err(ConfigError::Invalid(format!(
-                "group {group:?} must be 1-64 characters of [A-Za-z0-9_-]"
-            )));
-        }
+        let group = paxos_commit_proto::tls::group_or_default(self.group.clone().or(file.group))
+            .map_err(ConfigError::Invalid)?;
         let security = Security::from_settings(
             &group,
             self.insecure.or(file.insecure).unwrap_or(false),

@@ -104,6 +104,18 @@ pub fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// A configured group name, or the default `main`; in the charset of [`valid_name`].
+pub fn group_or_default(group: Option<String>) -> Result<String, String> {
+    let group = group.unwrap_or_else(|| "main".to_string());
+    if valid_name(&group) {
+        Ok(group)
+    } else {
+        Err(format!(
+            "group {group:?} must be 1-64 characters of [A-Za-z0-9_-]"
+        ))
+    }
+}
+
 /// The identity in a DER certificate: its one `spiffe://` URI SAN.
 pub fn certificate_identity(der: &[u8]) -> Result<(String, Role), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -325,7 +337,11 @@ pub struct Gate {
     /// Unary calls in progress: bounded, so that a flood is refused instead of queued.
     calls: Arc<tokio::sync::Semaphore>,
     max_calls: usize,
+    /// Certificate (DER) → the identity it names (see [`Gate::identity`]).
+    identities: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, IdentityResult>>>,
 }
+
+type IdentityResult = Result<(String, Role), String>;
 
 impl Gate {
     /// `max_calls`: unary calls served at once (see [`Gate::admit`]).
@@ -334,6 +350,7 @@ impl Gate {
             group: security.tls().map(|t| t.group.clone()),
             calls: Arc::new(tokio::sync::Semaphore::new(max_calls)),
             max_calls,
+            identities: Default::default(),
         }
     }
 
@@ -368,7 +385,8 @@ impl Gate {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
-        let (their_group, role) = certificate_identity(leaf)
+        let (their_group, role) = self
+            .identity(leaf)
             .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
         if &their_group != group {
             return Err(Status::permission_denied(format!(
@@ -376,6 +394,24 @@ impl Gate {
             )));
         }
         Ok(Caller::Peer(role))
+    }
+
+    /// The identity in a peer's certificate. A handful of certificates call a server over
+    /// and over (every Execute of a client): parsing X.509 once per certificate, not once
+    /// per call, keeps it off the hot path. Only certificates that passed the handshake get
+    /// here, so the cache holds the deployment's own; it starts over past a bound.
+    fn identity(&self, der: &[u8]) -> Result<(String, Role), String> {
+        const MAX_CACHED: usize = 1024;
+        let mut cache = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = cache.get(der) {
+            return known.clone();
+        }
+        let parsed = certificate_identity(der);
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(der.to_vec(), parsed.clone());
+        parsed
     }
 
     /// The caller, if its kind may make `call`.
