@@ -19,6 +19,10 @@ pub enum CoordinatorError {
     NoDecision { txid: String, waited_ms: u64 },
     #[error("this replica is shutting down")]
     ShuttingDown,
+    /// Starting could be unsafe (another process on this data directory, a damaged log):
+    /// an operator must act first.
+    #[error("refused to start: {0}")]
+    Refused(String),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -36,7 +40,18 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::InvalidArgument(_) => Status::invalid_argument(msg),
             CoordinatorError::NoDecision { .. } => Status::unavailable(msg),
             CoordinatorError::ShuttingDown => Status::unavailable(msg),
+            CoordinatorError::Refused(_) => Status::failed_precondition(msg),
             CoordinatorError::Log(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+impl paxos_commit_proto::ServeFailure for CoordinatorError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CoordinatorError::Refused(_) => paxos_commit_proto::EXIT_REFUSED,
+            CoordinatorError::Log(_) => paxos_commit_proto::EXIT_LOG_FAILED,
+            _ => 1,
         }
     }
 }

@@ -28,11 +28,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+impl paxos_commit_proto::ServeFailure for ServeError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            ServeError::Refused(_) => paxos_commit_proto::EXIT_REFUSED,
+            _ => 1,
+        }
+    }
+}
+
 /// Fatal start-up and serving errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{0}")]
     Startup(String),
+    /// Starting (or going on) could be unsafe: another agent serves this participant.
+    #[error("refused to start: {0}")]
+    Refused(String),
     #[error("serving on {addr}: {source}")]
     Serve {
         addr: SocketAddr,

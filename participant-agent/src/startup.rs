@@ -230,7 +230,7 @@ pub async fn take_agent_lock(cfg: &AgentConfig) -> Result<AgentLock, ServeError>
                 session,
             })
         }
-        Attempt::Held(holder) => Err(ServeError::Startup(format!(
+        Attempt::Held(holder) => Err(ServeError::Refused(format!(
             "another agent for participant {} of group {} holds this database ({}); stop it \
              first",
             cfg.participant,
@@ -321,7 +321,7 @@ impl AgentLock {
                     }
                 }
                 Ok(Attempt::Held(Some(h))) => {
-                    return Some(ServeError::Startup(format!(
+                    return Some(ServeError::Refused(format!(
                         "another agent for participant {} of group {} took this database ({h}) \
                          while this agent's connection to it was down; this agent stops \
                          serving",

@@ -39,9 +39,42 @@ pub fn server_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Exit code of a server that refused to start because doing so could be unsafe: another
+/// process holds its data directory or its database, or its acceptor log is damaged.
+/// Restarting it will not help until an operator acts, so supervisors (systemd's
+/// `RestartPreventExitStatus`) should not restart on it.
+pub const EXIT_REFUSED: u8 = 78;
+
+/// Exit code of a replica whose acceptor log could not be written: it stopped rather than
+/// answer with promises it could not keep. Restarting it is safe.
+pub const EXIT_LOG_FAILED: u8 = 70;
+
+/// How long a server may take to stop after SIGTERM before it is made to exit anyway
+/// (`PAXOS_COMMIT_STOP_DEADLINE_MS`, default 9000): stop means stop, whatever a peer or a
+/// disk does.
+fn stop_deadline() -> std::time::Duration {
+    let ms = std::env::var("PAXOS_COMMIT_STOP_DEADLINE_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(9000);
+    std::time::Duration::from_millis(ms)
+}
+
+/// A fatal error of a server binary and the exit code it ends the process with.
+pub trait ServeFailure: std::fmt::Display {
+    /// 1 unless the error says restarting will not help ([`EXIT_REFUSED`]).
+    fn exit_code(&self) -> u8 {
+        1
+    }
+}
+
 /// The life of a server binary (coordinator replica, participant agent): logging to stderr
 /// (`RUST_LOG`, default info), its configuration or the usage error that exits with 2, the
 /// runtime, serving until Ctrl-C or SIGTERM, and the exit code.
+///
+/// The shutdown future handed to `serve` resolves on the first SIGTERM or Ctrl-C; `serve`
+/// then drains and returns. Should it not manage within the stop deadline (a hung disk, a
+/// stuck peer), a watchdog ends the process with exit code 1 anyway.
 pub fn run_server<C, E, S, Fut, SE>(
     name: &str,
     config: Result<C, E>,
@@ -51,7 +84,7 @@ where
     E: std::fmt::Display,
     S: FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
     Fut: std::future::Future<Output = Result<(), SE>>,
-    SE: std::fmt::Display,
+    SE: ServeFailure,
 {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -73,11 +106,29 @@ where
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(cfg, Box::pin(shutdown_signal()))) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let deadline = stop_deadline();
+    let owner = name.to_string();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("{owner}: asked to stop; draining (at most {deadline:?})");
+        let owner = owner.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline);
+            eprintln!("{owner}: did not stop within {deadline:?} of being asked to; exiting now");
+            std::process::exit(1);
+        });
+    };
+    let result = runtime.block_on(serve(cfg, Box::pin(shutdown)));
+    // Blocking tasks (an fsync on a sick disk) must not keep a stopped process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
+        Ok(()) => {
+            tracing::info!("{name}: stopped");
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("{name}: {e}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(e.exit_code())
         }
     }
 }
