@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     pub max_open_transactions: Option<usize>,
     pub max_concurrent_calls: Option<usize>,
+    pub drain_timeout_ms: Option<u64>,
+    pub fsync_stall_ms: Option<u64>,
     /// Agents, for txctl: participant id → address.
     #[serde(default)]
     pub agents: std::collections::BTreeMap<String, String>,
@@ -107,6 +109,18 @@ pub struct ConfigArgs {
     /// Agents for txctl, as id=host:port, comma separated.
     #[arg(long, env = "PAXOS_COMMIT_AGENTS", value_delimiter = ',')]
     pub agents: Option<Vec<String>>,
+    /// Bring back a replica whose acceptor log is damaged or lost (README runbook "A damaged
+    /// acceptor log"): the log is moved aside and the replica rejoins as an acceptor that
+    /// answers only for transactions begun after it. Refused when the log is intact.
+    #[arg(long, env = "PAXOS_COMMIT_REJOIN")]
+    pub rejoin: bool,
+    /// Longest (ms) a stopping replica waits for the commits it leads to be decided.
+    #[arg(long, env = "PAXOS_COMMIT_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
+    /// An fsync of the acceptor log that has not returned after this many ms marks the
+    /// replica degraded (NOT_SERVING; Begin refused) until it returns.
+    #[arg(long, env = "PAXOS_COMMIT_FSYNC_STALL_MS")]
+    pub fsync_stall_ms: Option<u64>,
 }
 
 /// The resolved configuration of a replica.
@@ -127,6 +141,9 @@ pub struct ReplicaConfig {
     pub security: Security,
     pub max_open_transactions: usize,
     pub max_concurrent_calls: usize,
+    pub rejoin: bool,
+    pub drain_timeout: Duration,
+    pub fsync_stall: Duration,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -216,6 +233,9 @@ impl ConfigArgs {
                 .or(file.max_concurrent_calls)
                 .unwrap_or(10_000)
                 .max(1),
+            rejoin: self.rejoin,
+            drain_timeout: ms(self.drain_timeout_ms, file.drain_timeout_ms, 5_000),
+            fsync_stall: ms(self.fsync_stall_ms, file.fsync_stall_ms, 2_000),
         })
     }
 }

@@ -12,7 +12,13 @@
 //! [`VOTE_HOLD`]) for them, so that one fsync covers the whole transaction instead of the
 //! later votes queueing behind the first one's fsync. Nothing is released earlier for it: it
 //! only delays the start of a write.
+//!
+//! The driver also watches its own disk: a write that has not returned within
+//! `fsync_stall` marks the replica degraded ([`Lifecycle`]) until it returns. And it drains:
+//! once asked to stop, it is no longer an acceptor for other leaders' transactions and tells
+//! the shell when nothing it leads is still deciding.
 
+use crate::lifecycle::Lifecycle;
 use crate::log::{DurableLog, LogError};
 use crate::peers::Peers;
 use paxos_commit_core::{
@@ -20,14 +26,41 @@ use paxos_commit_core::{
     TxnId, Vote,
 };
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
-/// A decision and why.
+/// A decision, why, and how far it got: whether every participant confirmed applying it,
+/// and which had not when the answer was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub outcome: Outcome,
     pub reason: String,
+    pub all_applied: bool,
+    pub not_applied: Vec<String>,
+}
+
+impl Decision {
+    /// The decision as `status` shows it.
+    pub fn from_status(outcome: Outcome, reason: String, status: &LocalStatus) -> Decision {
+        let not_applied = if status.finished {
+            Vec::new()
+        } else {
+            status
+                .participants
+                .iter()
+                .filter(|p| !status.applied.contains(&p.id))
+                .map(|p| p.id.clone())
+                .collect()
+        };
+        Decision {
+            outcome,
+            reason,
+            all_applied: not_applied.is_empty()
+                && (status.finished || !status.participants.is_empty()),
+            not_applied,
+        }
+    }
 }
 
 /// When a waiting client is answered.
@@ -81,6 +114,10 @@ pub enum Command {
     Info {
         reply: oneshot::Sender<Info>,
     },
+    /// Stop being an acceptor for other leaders; answer once nothing led here is deciding.
+    Drain {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A snapshot for `ClusterInfo`.
@@ -133,6 +170,7 @@ pub struct Driver {
     max_open: usize,
     /// `None` while a batch is being written.
     log: Option<DurableLog<Record>>,
+    log_path: std::path::PathBuf,
     log_bytes: u64,
     /// The batch being written, and the outputs that wait for it.
     in_flight: Option<InFlight>,
@@ -151,6 +189,13 @@ pub struct Driver {
     votes: HashMap<TxnId, VoteTally>,
     /// Records the last compaction kept.
     live_at_rewrite: u64,
+    life: Arc<Lifecycle>,
+    /// When the write in flight started, and whether it has already been reported stalled.
+    in_flight_since: Option<Instant>,
+    stalled: bool,
+    fsync_stall: Duration,
+    /// Waiting for the drain to finish.
+    drained: Vec<oneshot::Sender<()>>,
 }
 
 /// Compact the log once this many records were appended since the last rewrite, and at least
@@ -185,15 +230,17 @@ impl Driver {
         core: Replica,
         log: DurableLog<Record>,
         peers: Peers,
-        epoch: Instant,
         rx: mpsc::UnboundedReceiver<Command>,
         max_open: usize,
+        life: Arc<Lifecycle>,
+        fsync_stall: Duration,
     ) -> Driver {
         Driver {
             open: HashSet::new(),
             max_open,
             core,
             log_bytes: log.size_bytes(),
+            log_path: log.path().to_path_buf(),
             log: Some(log),
             in_flight: None,
             held: Vec::new(),
@@ -201,13 +248,19 @@ impl Driver {
             next_sync: false,
             next_outputs: Vec::new(),
             peers,
-            epoch,
+            // The core was recovered at time 0: now.
+            epoch: Instant::now(),
             waiters: HashMap::new(),
             decided: HashMap::new(),
             rx,
             counters: Counters::default(),
             live_at_rewrite: 0,
             votes: HashMap::new(),
+            life,
+            in_flight_since: None,
+            stalled: false,
+            fsync_stall,
+            drained: Vec::new(),
         }
     }
 
@@ -236,6 +289,9 @@ impl Driver {
             if let Some(hold) = hold {
                 wake = wake.min(tokio::time::Instant::from_std(hold));
             }
+            if let (Some(since), false) = (self.in_flight_since, self.stalled) {
+                wake = wake.min(tokio::time::Instant::from_std(since + self.fsync_stall));
+            }
             let sleep = tokio::time::sleep_until(wake);
             tokio::select! {
                 cmd = self.rx.recv() => {
@@ -260,10 +316,42 @@ impl Driver {
                 }
                 _ = sleep => {}
             }
+            self.check_stall();
             let now = self.now();
             self.core.on_tick(now);
+            if !self.drained.is_empty() && self.idle() {
+                for reply in self.drained.drain(..) {
+                    let _ = reply.send(());
+                }
+            }
         }
         tracing::info!("driver stopped: no more commands");
+    }
+
+    /// A write that has not returned within `fsync_stall` takes the replica out of service.
+    fn check_stall(&mut self) {
+        let Some(since) = self.in_flight_since else {
+            return;
+        };
+        if self.stalled || since.elapsed() < self.fsync_stall {
+            return;
+        }
+        self.stalled = true;
+        let path = self.log_path.display();
+        let reason = format!(
+            "a write to the acceptor log {path} has not returned for {} ms",
+            since.elapsed().as_millis()
+        );
+        tracing::error!(
+            "{reason}: this replica is degraded (NOT_SERVING, Begin refused) until it returns; \
+             check the disk"
+        );
+        self.life.set_degraded(Some(reason));
+    }
+
+    /// Nothing led here is still deciding and no client waits for an answer.
+    fn idle(&self) -> bool {
+        self.waiters.is_empty() && self.core.stats().leading == 0
     }
 
     fn apply(&mut self, cmd: Command) {
@@ -322,10 +410,18 @@ impl Driver {
                 self.answer_or_wait(txn, Until::Decided, result, reply);
             }
             Command::Deliver { msgs } => {
+                let draining = self.life.is_draining();
+                let me = self.core.config().id;
                 for (from, msg) in msgs {
+                    // A stopping replica finishes what it leads and nothing else: for every
+                    // other transaction it is already gone.
+                    if draining && msg.txn().leader() != me {
+                        continue;
+                    }
                     self.core.on_message(now, from, msg);
                 }
             }
+            Command::Drain { reply } => self.drained.push(reply),
             Command::Applied { txn, participant } => {
                 self.core.on_applied(now, txn, &participant);
             }
@@ -363,8 +459,9 @@ impl Driver {
             }
             Ok(Some(outcome)) if until == Until::Decided || self.core.status(txn).finished => {
                 let reason = self.core.reason(txn).unwrap_or_default().to_string();
+                let decision = Decision::from_status(outcome, reason, &self.core.status(txn));
                 self.reply_after_sync(move || {
-                    let _ = reply.send(Ok(Decision { outcome, reason }));
+                    let _ = reply.send(Ok(decision));
                 });
             }
             Ok(_) => self
@@ -450,6 +547,7 @@ impl Driver {
         // Compaction writes the whole live state instead of the batch: the core already
         // reflects every record of the batch, so nothing is lost.
         let live = compact.then(|| self.core.durable_records());
+        self.in_flight_since = Some(Instant::now());
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let accepts = records.iter().any(|r| matches!(r, Record::Accept { .. }));
             let result = match live {
@@ -486,6 +584,15 @@ impl Driver {
                 std::process::exit(70);
             }
         };
+        if let Some(since) = self.in_flight_since.take() {
+            if std::mem::take(&mut self.stalled) {
+                tracing::warn!(
+                    stalled_ms = since.elapsed().as_millis() as u64,
+                    "the acceptor log is writing again; this replica serves again"
+                );
+                self.life.set_degraded(None);
+            }
+        }
         if written.accepts {
             // Durable here, but the phase 2b has not left.
             paxos_commit_proto::crash_point("coordinator-after-accept");
@@ -527,7 +634,10 @@ impl Driver {
                     txn,
                     outcome,
                     reason,
-                }) => self.on_decided(txn, Decision { outcome, reason }),
+                }) => {
+                    let decision = Decision::from_status(outcome, reason, &self.core.status(txn));
+                    self.on_decided(txn, decision)
+                }
                 Held::Out(Output::Finished { txn, outcome }) => self.on_finished(txn, outcome),
                 Held::Reply(reply) => reply(),
             }
@@ -560,10 +670,14 @@ impl Driver {
     }
 
     fn on_finished(&mut self, txn: TxnId, outcome: Outcome) {
-        let decision = self.decided.remove(&txn).unwrap_or(Decision {
+        let mut decision = self.decided.remove(&txn).unwrap_or(Decision {
             outcome,
             reason: String::new(),
+            all_applied: true,
+            not_applied: Vec::new(),
         });
+        decision.all_applied = true;
+        decision.not_applied.clear();
         for w in self.waiters.remove(&txn).unwrap_or_default() {
             let _ = w.reply.send(Ok(decision.clone()));
         }

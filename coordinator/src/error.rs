@@ -34,6 +34,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Txn(TxnError::Unknown { .. }) => Status::not_found(msg),
             CoordinatorError::Txn(TxnError::NotLeader { .. }) => Status::failed_precondition(msg),
             CoordinatorError::Txn(TxnError::Frozen { .. }) => Status::failed_precondition(msg),
+            // Another replica can answer: callers move on as from one that is down.
+            CoordinatorError::Txn(TxnError::Abstains { .. }) => Status::unavailable(msg),
             CoordinatorError::Txn(TxnError::DuplicateParticipant { .. }) => {
                 Status::failed_precondition(msg)
             }

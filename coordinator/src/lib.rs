@@ -3,7 +3,9 @@
 //!
 //! Tour:
 //! * [`config`] — TOML file + flags + environment, shared with txctl;
-//! * [`log`] — the acceptor's durable log (fsync'd, group-committed, compacted);
+//! * [`log`] — the acceptor's durable log (fsync'd, group-committed, compacted, refused when
+//!   damaged); [`dirlock`] — one process per data directory;
+//! * [`lifecycle`] — serving, degraded (a stalled disk) or draining (asked to stop);
 //! * [`driver`] — the task that owns the core and the log and keeps the persist-then-send rule;
 //! * [`peers`] — outbound messages to replicas (batched) and agents;
 //! * [`server`] — gRPC handlers (Coordinator and Acceptor services);
@@ -11,17 +13,21 @@
 //! * [`ops`] — what txctl asks of a whole deployment.
 
 pub mod config;
+pub mod dirlock;
 pub mod driver;
 pub mod error;
+pub mod lifecycle;
 pub mod log;
 pub mod ops;
 pub mod peers;
 pub mod server;
 
 use crate::config::ReplicaConfig;
-use crate::driver::Driver;
+use crate::dirlock::{DirLock, DirLockError};
+use crate::driver::{Command, Driver};
 use crate::error::CoordinatorError;
-use crate::log::DurableLog;
+use crate::lifecycle::Lifecycle;
+use crate::log::{DurableLog, LogError};
 use crate::peers::Peers;
 use crate::server::Handle;
 use paxos_commit_core::{Record, Replica};
@@ -30,10 +36,12 @@ use paxos_commit_proto::pb::coordinator_server::CoordinatorServer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
-/// Recovers the replica from its log and serves until `shutdown` resolves.
+/// Recovers the replica from its log and serves until `shutdown` resolves, then drains:
+/// Begin refused and health NOT_SERVING at once, no more acceptor work for other leaders,
+/// the commits it leads decided (at most `drain_timeout`), every stream closed, and return.
 pub async fn serve(
     cfg: ReplicaConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -41,11 +49,15 @@ pub async fn serve(
     let addr: SocketAddr = cfg.listen.parse().map_err(|e| {
         CoordinatorError::InvalidArgument(format!("listen address {:?}: {e}", cfg.listen))
     })?;
-    let dir = cfg.data_dir.clone();
-    let (log, records) = tokio::task::spawn_blocking(move || DurableLog::<Record>::open(&dir))
-        .await
-        .map_err(|e| CoordinatorError::InvalidArgument(format!("log open task: {e}")))??;
-    let epoch = Instant::now();
+    let holder = format!(
+        "coordinator replica {} of group {} listening on {}",
+        cfg.id, cfg.group, cfg.listen
+    );
+    let _dir_lock = DirLock::take(&cfg.data_dir, &holder).map_err(|e| match e {
+        e @ DirLockError::Held { .. } => CoordinatorError::Refused(e.to_string()),
+        e => CoordinatorError::InvalidArgument(e.to_string()),
+    })?;
+    let (log, records) = open_log(&cfg).await?;
     let core = Replica::recover(cfg.core(), rand::random(), &records, 0);
     let stats = core.stats();
     tracing::info!(
@@ -53,19 +65,9 @@ pub async fn serve(
         replicas = cfg.replicas.len(),
         records = records.len(),
         undecided = stats.undecided,
+        rejoined = stats.rejoined,
         "recovered the acceptor log"
     );
-    let (tx, rx) = mpsc::unbounded_channel();
-    let peers = Peers::start(cfg.id, &cfg.replicas, cfg.security.clone())
-        .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
-    let cfg = Arc::new(cfg);
-    let handle = Handle::new(cfg.clone(), tx)?;
-    tokio::spawn(Driver::new(core, log, peers, epoch, rx, cfg.max_open_transactions).run());
-
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CoordinatorServer<Handle>>()
-        .await;
     cfg.security.warn_if_insecure("this coordinator replica");
     if let Some(tls) = cfg.security.tls() {
         if tls.role != paxos_commit_proto::tls::Role::Replica(cfg.id) {
@@ -75,6 +77,29 @@ pub async fn serve(
             )));
         }
     }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let peers = Peers::start(cfg.id, &cfg.replicas, cfg.security.clone())
+        .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<Handle>>()
+        .await;
+    let life = Lifecycle::new(health_reporter);
+    let cfg = Arc::new(cfg);
+    let handle = Handle::new(cfg.clone(), tx.clone(), life.clone())?;
+    tokio::spawn(
+        Driver::new(
+            core,
+            log,
+            peers,
+            rx,
+            cfg.max_open_transactions,
+            life.clone(),
+            cfg.fsync_stall,
+        )
+        .run(),
+    );
+
     tracing::info!(%addr, group = %cfg.group, tls = cfg.security.tls().is_some(), "coordinator replica serving");
     let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(tls) = cfg.security.tls() {
@@ -82,13 +107,92 @@ pub async fn serve(
             .tls_config(tls.server_config())
             .map_err(|e| CoordinatorError::InvalidArgument(format!("TLS: {e}")))?;
     }
+    let stop = drain_on(shutdown, life.clone(), tx, cfg.drain_timeout);
     let max = paxos_commit_proto::limits::MAX_MESSAGE_BYTES;
-    server
+    let serving = server
         .layer(paxos_commit_proto::limits::layer())
         .add_service(health)
         .add_service(CoordinatorServer::new(handle.clone()).max_decoding_message_size(max))
         .add_service(AcceptorServer::new(handle).max_decoding_message_size(max))
-        .serve_with_shutdown(addr, shutdown)
-        .await
-        .map_err(|e| CoordinatorError::InvalidArgument(format!("serving on {addr}: {e}")))
+        .serve_with_shutdown(addr, stop);
+    tokio::select! {
+        served = serving => served
+            .map_err(|e| CoordinatorError::InvalidArgument(format!("serving on {addr}: {e}"))),
+        // Every stream is told to end when the replica closes; a connection that still does
+        // not finish (a peer that stopped reading) must not hold the process.
+        () = async {
+            life.closed().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } => {
+            tracing::warn!("connections still open a second after closing; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
+/// The stop sequence, after `shutdown` resolves (see [`serve`]). Resolves when the server
+/// must stop accepting and close its connections.
+async fn drain_on(
+    shutdown: impl Future<Output = ()>,
+    life: Arc<Lifecycle>,
+    commands: mpsc::UnboundedSender<Command>,
+    drain_timeout: Duration,
+) {
+    shutdown.await;
+    let started = Instant::now();
+    life.start_draining();
+    tracing::info!(
+        "stopping: Begin refused, NOT_SERVING, no longer an acceptor for other leaders; \
+         waiting (at most {drain_timeout:?}) for the commits this replica leads"
+    );
+    let (reply, drained) = oneshot::channel();
+    let finished = commands.send(Command::Drain { reply }).is_ok()
+        && tokio::time::timeout(drain_timeout, drained).await.is_ok();
+    tracing::info!(
+        finished,
+        drain_ms = started.elapsed().as_millis() as u64,
+        "closing every stream and stopping"
+    );
+    life.close();
+}
+
+/// Opens the acceptor log; with `--rejoin`, first moves a damaged (or lost) one aside and
+/// starts a new one under `Record::Rejoined`.
+async fn open_log(
+    cfg: &ReplicaConfig,
+) -> Result<(DurableLog<Record>, Vec<Record>), CoordinatorError> {
+    let dir = cfg.data_dir.clone();
+    let rejoin = cfg.rejoin;
+    tokio::task::spawn_blocking(move || {
+        let refused = |e: LogError| match e {
+            e @ LogError::Damaged { .. } => CoordinatorError::Refused(e.to_string()),
+            e => CoordinatorError::Log(e),
+        };
+        if !rejoin {
+            return DurableLog::<Record>::open(&dir).map_err(refused);
+        }
+        match DurableLog::<Record>::open(&dir) {
+            Ok((_, records)) if !records.is_empty() => {
+                return Err(CoordinatorError::Refused(format!(
+                    "--rejoin is for a replica whose acceptor log is damaged or lost, but the \
+                     log in {} is intact ({} records): start it without --rejoin",
+                    dir.display(),
+                    records.len()
+                )))
+            }
+            Ok(_) | Err(LogError::Damaged { .. }) => {}
+            Err(e) => return Err(CoordinatorError::Log(e)),
+        }
+        let aside = DurableLog::<Record>::set_aside(&dir)?;
+        let (mut log, _) = DurableLog::<Record>::open(&dir)?;
+        log.append_batch(&[Record::Rejoined])?;
+        tracing::warn!(
+            moved_to = ?aside,
+            "rejoined with an empty acceptor log: this replica answers only for transactions \
+             begun after now; the other replicas settle every older one"
+        );
+        Ok((log, vec![Record::Rejoined]))
+    })
+    .await
+    .map_err(|e| CoordinatorError::InvalidArgument(format!("log open task: {e}")))?
 }

@@ -11,14 +11,24 @@
 //! many transactions and hands them over in one batch; the whole batch shares one fsync
 //! (group commit). Compaction ([`DurableLog::rewrite`]) keeps the file from growing forever.
 //!
-//! On-disk framing, repeated until end of file:
+//! On-disk format: an 8-byte file header (`PXCLOG\0\x02`), then one frame per batch (one
+//! fsync), repeated until end of file:
 //!
 //! ```text
-//! [u32 LE payload length][u32 LE crc32 of payload][payload: serde_json bytes]
+//! batch:  ["PXCB"][u32 LE body length][u32 LE crc32 of body][body]
+//! body:   ([u32 LE record length][record: serde_json bytes])*
 //! ```
 //!
-//! JSON keeps the file readable by an operator with ordinary tools; the length and checksum
-//! let replay tell a complete record from one torn by a crash in the middle of a write.
+//! JSON keeps the file readable by an operator with ordinary tools. The batch checksum tells
+//! a complete batch from one a crash tore while it was being written; and since a batch is
+//! the unit of one fsync, only the *last* batch can be torn. A bad batch with a valid batch
+//! after it is therefore not a crash but damage (a flipped bit, a bad block, a stray write)
+//! to records that were acknowledged: [`DurableLog::open`] refuses such a log
+//! ([`LogError::Damaged`]) instead of cutting it short, because an acceptor that forgot its
+//! promises could let two outcomes be chosen. The runbook's way out is `--rejoin`.
+//!
+//! Logs written before this format (no header: `[len][crc][json]` per record) are read and
+//! rewritten in it on open.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -31,7 +41,14 @@ use serde::Serialize;
 
 const LOG_FILE: &str = "acceptor.log";
 const TMP_FILE: &str = "acceptor.log.tmp";
-const HEADER_LEN: usize = 8;
+const FILE_MAGIC: &[u8; 8] = b"PXCLOG\x00\x02";
+const BATCH_MAGIC: &[u8; 4] = b"PXCB";
+const BATCH_HEADER: usize = 12;
+/// Compaction writes the live state in batches of at most this many records: damage in one
+/// part of a compacted log then still has valid batches after it and is told from a tear.
+const REWRITE_BATCH: usize = 1024;
+/// Record frames of the format before batches: `[u32 len][u32 crc][json]`.
+const V1_HEADER: usize = 8;
 
 /// Errors of the durable log. Every I/O error names the operation and the path involved, so
 /// an operator can tell a full disk from a permission problem from a missing directory.
@@ -56,6 +73,25 @@ pub enum LogError {
         path.display()
     )]
     Poisoned { path: PathBuf },
+    /// Records that were acknowledged are unreadable, with valid ones after them: not the
+    /// torn tail of a crash. Replaying around the hole would make the acceptor forget
+    /// promises and acceptances it gave, so the log is refused.
+    #[error(
+        "the acceptor log {} is damaged at byte offset {offset} ({reason}), and valid records \
+         follow from byte offset {valid_from} ({valid_bytes} bytes): this is not the torn \
+         tail of a crash, and replaying around it would make this replica forget promises it \
+         made. Keep the file for analysis and bring the replica back with --rejoin (README, \
+         runbook \"A damaged acceptor log\"): it moves the log aside and rejoins as an \
+         acceptor that answers only for transactions begun after it",
+        path.display()
+    )]
+    Damaged {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+        valid_from: u64,
+        valid_bytes: u64,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {
@@ -143,26 +179,64 @@ impl<R: Serialize + DeserializeOwned> DurableLog<R> {
         file.read_to_end(&mut bytes)
             .map_err(io_err("read", &path))?;
 
-        let (records, torn) = replay::<R>(&bytes);
+        let legacy = !bytes.is_empty() && !bytes.starts_with(&FILE_MAGIC[..bytes.len().min(8)]);
+        let replayed = if legacy {
+            replay_v1::<R>(&bytes)
+        } else if bytes.len() < FILE_MAGIC.len() {
+            // New, or a crash tore the header itself: nothing was ever acknowledged.
+            Replayed {
+                records: Vec::new(),
+                stop: (!bytes.is_empty()).then(|| Stop::Torn {
+                    offset: 0,
+                    reason: "incomplete file header".into(),
+                }),
+            }
+        } else {
+            replay_v2::<R>(&bytes)
+        };
+        let records = replayed.records;
         let mut size = bytes.len() as u64;
-        if let Some(TornTail { offset, reason }) = torn {
-            tracing::warn!(
-                path = %path.display(),
+        match replayed.stop {
+            None => {}
+            Some(Stop::Damaged {
                 offset,
-                dropped_bytes = size - offset,
-                reason = %reason,
-                "durable log: torn or corrupt tail ({reason}), truncating at byte offset {offset}"
-            );
-            file.set_len(offset)
-                .map_err(io_err("truncate torn tail of", &path))?;
-            // Without this sync a second crash could resurrect the garbage behind records
-            // appended after this open.
-            file.sync_all()
-                .map_err(io_err("sync after truncating", &path))?;
-            size = offset;
+                reason,
+                valid_from,
+            }) => {
+                return Err(LogError::Damaged {
+                    path,
+                    offset,
+                    reason,
+                    valid_from,
+                    valid_bytes: size - valid_from,
+                })
+            }
+            Some(Stop::Torn { offset, reason }) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    offset,
+                    dropped_bytes = size - offset,
+                    reason = %reason,
+                    "durable log: torn tail of the last write ({reason}), truncating at byte \
+                     offset {offset}; no valid record follows it, so it was never acknowledged"
+                );
+                file.set_len(offset)
+                    .map_err(io_err("truncate torn tail of", &path))?;
+                // Without this sync a second crash could resurrect the garbage behind records
+                // appended after this open.
+                file.sync_all()
+                    .map_err(io_err("sync after truncating", &path))?;
+                size = offset;
+            }
+        }
+        if size == 0 {
+            file.write_all(FILE_MAGIC)
+                .map_err(io_err("write header of", &path))?;
+            file.sync_all().map_err(io_err("fsync", &path))?;
+            size = FILE_MAGIC.len() as u64;
         }
 
-        let log = DurableLog {
+        let mut log = DurableLog {
             dir: dir.to_path_buf(),
             path,
             file,
@@ -171,7 +245,32 @@ impl<R: Serialize + DeserializeOwned> DurableLog<R> {
             poisoned: false,
             _records: PhantomData,
         };
+        if legacy {
+            log.rewrite(&records)?;
+            tracing::info!(
+                path = %log.path.display(),
+                records = records.len(),
+                "durable log: rewrote a log of the earlier format in the batch format"
+            );
+        }
         Ok((log, records))
+    }
+
+    /// Moves `dir/acceptor.log` aside (to `acceptor.log.damaged-<unix ms>`, kept for analysis)
+    /// so that the next [`DurableLog::open`] starts an empty log. Returns the new name, or
+    /// `None` when there was no log.
+    pub fn set_aside(dir: &Path) -> Result<Option<PathBuf>, LogError> {
+        let path = dir.join(LOG_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let aside = dir.join(format!("{LOG_FILE}.damaged-{stamp}"));
+        fs::rename(&path, &aside).map_err(io_err("move aside", &path))?;
+        sync_dir(dir)?;
+        Ok(Some(aside))
     }
 
     /// Appends all `records` and makes them durable with a single `fdatasync`. When this
@@ -186,9 +285,8 @@ impl<R: Serialize + DeserializeOwned> DurableLog<R> {
         }
         self.check_poisoned()?;
         let mut buf = Vec::new();
-        for record in records {
-            encode_frame(record, &mut buf)?;
-        }
+        encode_batch(records, &mut buf)?;
+        stall_hook();
 
         // Poison first and clear only on success: a write that failed halfway may have left a
         // torn frame that later appends would bury.
@@ -216,9 +314,9 @@ impl<R: Serialize + DeserializeOwned> DurableLog<R> {
     /// file a crash would leave behind.
     pub fn rewrite(&mut self, live: &[R]) -> Result<(), LogError> {
         self.check_poisoned()?;
-        let mut buf = Vec::new();
-        for record in live {
-            encode_frame(record, &mut buf)?;
+        let mut buf = FILE_MAGIC.to_vec();
+        for chunk in live.chunks(REWRITE_BATCH) {
+            encode_batch(chunk, &mut buf)?;
         }
 
         let tmp = self.dir.join(TMP_FILE);
@@ -273,57 +371,208 @@ impl<R: Serialize + DeserializeOwned> DurableLog<R> {
     }
 }
 
-fn encode_frame<R: Serialize>(record: &R, buf: &mut Vec<u8>) -> Result<(), LogError> {
-    let payload = serde_json::to_vec(record)?;
-    let len = u32::try_from(payload.len()).map_err(|_| {
-        <serde_json::Error as serde::ser::Error>::custom(format!(
-            "record of {} bytes exceeds the 4 GiB frame limit",
-            payload.len()
-        ))
-    })?;
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    buf.extend_from_slice(&payload);
+/// Fault injection for the stalled-disk tests (where fsfreeze is not available): while the
+/// file named by `PAXOS_COMMIT_LOG_STALL_FILE` exists, every append waits, as a write to a
+/// frozen filesystem would.
+fn stall_hook() {
+    use std::sync::OnceLock;
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let Some(file) =
+        FILE.get_or_init(|| std::env::var_os("PAXOS_COMMIT_LOG_STALL_FILE").map(PathBuf::from))
+    else {
+        return;
+    };
+    while file.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn too_big(what: &str, len: usize) -> LogError {
+    LogError::Encode(<serde_json::Error as serde::ser::Error>::custom(format!(
+        "{what} of {len} bytes exceeds the 4 GiB frame limit"
+    )))
+}
+
+/// Appends one batch frame holding `records` to `buf`.
+fn encode_batch<R: Serialize>(records: &[R], buf: &mut Vec<u8>) -> Result<(), LogError> {
+    let start = buf.len();
+    buf.extend_from_slice(BATCH_MAGIC);
+    buf.extend_from_slice(&[0; 8]);
+    for record in records {
+        let payload = serde_json::to_vec(record)?;
+        let len = u32::try_from(payload.len()).map_err(|_| too_big("record", payload.len()))?;
+        buf.extend_from_slice(&len.to_le_bytes());
+        buf.extend_from_slice(&payload);
+    }
+    let body = &buf[start + BATCH_HEADER..];
+    let len = u32::try_from(body.len()).map_err(|_| too_big("batch", body.len()))?;
+    let crc = crc32fast::hash(body);
+    buf[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    buf[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
-/// Where and why replay stopped before the end of the file.
-struct TornTail {
-    offset: u64,
-    reason: String,
+/// Why replay stopped before the end of the file.
+#[derive(Debug)]
+enum Stop {
+    /// The last write, torn by a crash: nothing valid follows.
+    Torn { offset: u64, reason: String },
+    /// Unreadable bytes with valid records after them (from `valid_from`).
+    Damaged {
+        offset: u64,
+        reason: String,
+        valid_from: u64,
+    },
 }
 
-/// Decodes frames from the start of `bytes` and returns the records and, if replay did not
-/// reach the end, the first bad frame: everything from there on is treated as torn.
-fn replay<R: DeserializeOwned>(bytes: &[u8]) -> (Vec<R>, Option<TornTail>) {
-    let mut records = Vec::new();
-    let mut pos = 0usize;
-    let torn = |pos: usize, reason: String| {
-        Some(TornTail {
-            offset: pos as u64,
-            reason,
-        })
-    };
-    while pos < bytes.len() {
-        let Some((header, body)) = bytes[pos..].split_at_checked(HEADER_LEN) else {
-            return (records, torn(pos, "incomplete frame header".into()));
-        };
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let Some(payload) = body.get(..len) else {
-            let reason = format!("incomplete payload ({} of {len} bytes)", body.len());
-            return (records, torn(pos, reason));
-        };
-        if crc32fast::hash(payload) != crc {
-            return (records, torn(pos, "checksum mismatch".into()));
-        }
-        match serde_json::from_slice::<R>(payload) {
-            Ok(record) => records.push(record),
-            Err(e) => return (records, torn(pos, format!("undecodable record: {e}"))),
-        }
-        pos += HEADER_LEN + len;
+struct Replayed<R> {
+    records: Vec<R>,
+    stop: Option<Stop>,
+}
+
+/// A frame that cannot be read: `torn` when the bytes may simply be an unfinished write (too
+/// short, checksum mismatch); otherwise the bytes are exactly as written and still unreadable.
+struct BadFrame {
+    reason: String,
+    torn: bool,
+}
+
+fn bad(reason: impl Into<String>, torn: bool) -> BadFrame {
+    BadFrame {
+        reason: reason.into(),
+        torn,
     }
-    (records, None)
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
+    let b = bytes.get(at..at + 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+}
+
+/// Decodes the batch at `pos`: its records and where the next frame starts.
+fn read_batch<R: DeserializeOwned>(bytes: &[u8], pos: usize) -> Result<(Vec<R>, usize), BadFrame> {
+    let rest = &bytes[pos..];
+    if rest.len() < BATCH_HEADER {
+        return Err(bad("incomplete batch header", true));
+    }
+    if &rest[..4] != BATCH_MAGIC {
+        return Err(bad("no batch header", true));
+    }
+    let len = u32_at(rest, 4).unwrap_or(0);
+    let crc = u32_at(rest, 8).unwrap_or(0) as u32;
+    let Some(body) = rest.get(BATCH_HEADER..BATCH_HEADER + len) else {
+        let have = rest.len() - BATCH_HEADER;
+        return Err(bad(
+            format!("incomplete batch ({have} of {len} bytes)"),
+            true,
+        ));
+    };
+    if crc32fast::hash(body) != crc {
+        return Err(bad("batch checksum mismatch", true));
+    }
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        let n = u32_at(body, at).ok_or_else(|| bad("record header cut short", false))?;
+        let payload = body
+            .get(at + 4..at + 4 + n)
+            .ok_or_else(|| bad("record longer than its batch", false))?;
+        let record = serde_json::from_slice::<R>(payload)
+            .map_err(|e| bad(format!("undecodable record: {e}"), false))?;
+        records.push(record);
+        at += 4 + n;
+    }
+    Ok((records, pos + BATCH_HEADER + len))
+}
+
+/// Replays a log in the batch format (`bytes` includes the file header).
+fn replay_v2<R: DeserializeOwned>(bytes: &[u8]) -> Replayed<R> {
+    let mut records = Vec::new();
+    let mut pos = FILE_MAGIC.len();
+    while pos < bytes.len() {
+        match read_batch::<R>(bytes, pos) {
+            Ok((batch, next)) => {
+                records.extend(batch);
+                pos = next;
+            }
+            Err(e) => {
+                // Only the last batch can be torn: look for any valid batch after this one.
+                let valid_after = (pos + 1..bytes.len().saturating_sub(BATCH_HEADER - 1))
+                    .filter(|&q| bytes[q..].starts_with(BATCH_MAGIC))
+                    .find(|&q| read_batch::<R>(bytes, q).is_ok());
+                return Replayed {
+                    records,
+                    stop: Some(stop_at(pos, e, valid_after)),
+                };
+            }
+        }
+    }
+    Replayed {
+        records,
+        stop: None,
+    }
+}
+
+fn stop_at(pos: usize, e: BadFrame, valid_after: Option<usize>) -> Stop {
+    match valid_after {
+        None if e.torn => Stop::Torn {
+            offset: pos as u64,
+            reason: e.reason,
+        },
+        // A frame whose checksum holds but which does not decode is not torn either: the
+        // bytes are as they were written (a newer version's record, or a bug).
+        found => Stop::Damaged {
+            offset: pos as u64,
+            reason: e.reason,
+            valid_from: found.unwrap_or(pos) as u64,
+        },
+    }
+}
+
+/// Decodes the record frame of the earlier format at `pos`.
+fn read_v1<R: DeserializeOwned>(bytes: &[u8], pos: usize) -> Result<(R, usize), BadFrame> {
+    let rest = &bytes[pos..];
+    let (Some(len), Some(crc)) = (u32_at(rest, 0), u32_at(rest, 4)) else {
+        return Err(bad("incomplete frame header", true));
+    };
+    let Some(payload) = rest.get(V1_HEADER..V1_HEADER + len) else {
+        return Err(bad("incomplete payload", true));
+    };
+    if crc32fast::hash(payload) != crc as u32 {
+        return Err(bad("checksum mismatch", true));
+    }
+    match serde_json::from_slice::<R>(payload) {
+        Ok(record) => Ok((record, pos + V1_HEADER + len)),
+        // The earlier format treated these as a torn tail (zero-filled blocks decode so).
+        Err(e) => Err(bad(format!("undecodable record: {e}"), true)),
+    }
+}
+
+/// Replays a log of the earlier format, one checksum per record.
+fn replay_v1<R: DeserializeOwned>(bytes: &[u8]) -> Replayed<R> {
+    let mut records = Vec::new();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        match read_v1::<R>(bytes, pos) {
+            Ok((record, next)) => {
+                records.push(record);
+                pos = next;
+            }
+            Err(e) => {
+                let valid_after = (pos + 1..bytes.len()).find(|&q| {
+                    read_v1::<R>(bytes, q).is_ok_and(|(_, next)| next > q + V1_HEADER + 1)
+                });
+                return Replayed {
+                    records,
+                    stop: Some(stop_at(pos, e, valid_after)),
+                };
+            }
+        }
+    }
+    Replayed {
+        records,
+        stop: None,
+    }
 }
 
 fn write_tmp(tmp: &Path, buf: &[u8]) -> Result<File, LogError> {
@@ -490,12 +739,14 @@ mod tests {
     fn bad_crc_in_last_frame_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = open(dir.path());
-        log.append_batch(&[promise("t1", 0), promise("t2", 0)])
+        log.append_batch(&[promise("t1", 0)]).unwrap();
+        log.append_batch(&[promise("t2", 0), promise("t2b", 0)])
             .unwrap();
         let path = log.path().to_path_buf();
         drop(log);
 
-        // Flip one bit in the last payload byte: length still fits, checksum does not.
+        // Flip one bit in the last payload byte: length still fits, checksum does not. The
+        // last batch is the one a crash can tear, so this reads as a torn tail.
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
@@ -510,7 +761,7 @@ mod tests {
     }
 
     #[test]
-    fn valid_crc_but_undecodable_json_is_dropped() {
+    fn garbage_and_zeros_after_the_last_batch_are_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = open(dir.path());
         log.append_batch(&[promise("t1", 0)]).unwrap();
@@ -518,18 +769,106 @@ mod tests {
         let path = log.path().to_path_buf();
         drop(log);
 
-        let payload = br#"{"NotARecord":1}"#;
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        frame.extend_from_slice(payload);
-        append_raw(&path, &frame);
-        // Zero-filled tail, as some filesystems leave after a crash: len 0 has crc 0.
+        append_raw(&path, b"PXCB\x10\x00\x00\x00");
+        // Zero-filled blocks, as some filesystems leave after a crash.
         append_raw(&path, &[0u8; 16]);
 
         let (_, recs) = open(dir.path());
         assert_eq!(recs, vec![promise("t1", 0)]);
         assert_eq!(file_len(&path), good_len);
+    }
+
+    #[test]
+    fn a_damaged_batch_with_valid_batches_after_it_is_refused_not_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = open(dir.path());
+        log.append_batch(&[promise("t1", 0)]).unwrap();
+        let second = log.size_bytes();
+        log.append_batch(&[accept("t1", 0, true)]).unwrap();
+        log.append_batch(&[promise("t2", 5)]).unwrap();
+        let path = log.path().to_path_buf();
+        drop(log);
+        let original = fs::read(&path).unwrap();
+
+        // One flipped bit in the middle batch's payload, then in its length field.
+        for at in [second as usize + 20, second as usize + 5] {
+            let mut bytes = original.clone();
+            bytes[at] ^= 0x04;
+            fs::write(&path, &bytes).unwrap();
+            let err = DurableLog::<Rec>::open(dir.path()).unwrap_err();
+            match &err {
+                LogError::Damaged {
+                    offset,
+                    valid_from,
+                    valid_bytes,
+                    ..
+                } => {
+                    assert_eq!(*offset, second);
+                    assert!(*valid_from > second);
+                    assert_eq!(*valid_from + *valid_bytes, original.len() as u64);
+                }
+                other => panic!("expected Damaged, got {other}"),
+            }
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("offset {second}")), "{msg}");
+            assert!(msg.contains("--rejoin"), "{msg}");
+            // Nothing was cut: the evidence stays for the operator.
+            assert_eq!(fs::read(&path).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn a_batch_that_checks_out_but_does_not_decode_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = open(dir.path());
+        log.append_batch(&[promise("t1", 0)]).unwrap();
+        let good_len = log.size_bytes();
+        let path = log.path().to_path_buf();
+        drop(log);
+
+        // A well-formed batch of a record this version does not know (a newer one's).
+        let mut frame = Vec::new();
+        encode_batch(&[serde_json::json!({"NotARecord": 1})], &mut frame).unwrap();
+        append_raw(&path, &frame);
+        let err = DurableLog::<Rec>::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, LogError::Damaged { offset, .. } if offset == good_len),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_log_of_the_earlier_format_is_read_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        let v1 = |records: &[Rec]| {
+            let mut buf = Vec::new();
+            for r in records {
+                let json = serde_json::to_vec(r).unwrap();
+                buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+                buf.extend_from_slice(&json);
+            }
+            buf
+        };
+        let recs = vec![promise("t1", 0), accept("t1", 0, true), promise("t2", 3)];
+        let mut bytes = v1(&recs);
+        bytes.extend_from_slice(b"\x40\x00\x00\x00torn");
+        fs::write(&path, &bytes).unwrap();
+        let (mut log, got) = open(dir.path());
+        assert_eq!(got, recs);
+        assert!(fs::read(&path).unwrap().starts_with(FILE_MAGIC));
+        log.append_batch(&[promise("t3", 0)]).unwrap();
+        drop(log);
+        let (_, got) = open(dir.path());
+        assert_eq!(got.len(), 4);
+
+        // Damage in the middle of an old log is refused too.
+        let mut bytes = v1(&recs);
+        bytes[12] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        let err = DurableLog::<Rec>::open(dir.path()).unwrap_err();
+        assert!(matches!(err, LogError::Damaged { offset: 0, .. }), "{err}");
     }
 
     #[test]
@@ -568,7 +907,7 @@ mod tests {
         );
 
         log.rewrite(&[]).unwrap();
-        assert_eq!(log.size_bytes(), 0);
+        assert_eq!(log.size_bytes(), FILE_MAGIC.len() as u64);
         drop(log);
         let (_, recs) = open(dir.path());
         assert!(recs.is_empty());
@@ -596,10 +935,11 @@ mod tests {
     fn empty_batch_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = open(dir.path());
+        let header = FILE_MAGIC.len() as u64;
         log.append_batch(&[]).unwrap();
-        assert_eq!(log.size_bytes(), 0);
+        assert_eq!(log.size_bytes(), header);
         assert_eq!(log.records_since_rewrite(), 0);
-        assert_eq!(file_len(log.path()), 0);
+        assert_eq!(file_len(log.path()), header);
 
         log.append_batch(&[promise("t1", 0)]).unwrap();
         let len = log.size_bytes();
@@ -610,16 +950,21 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_length_crc_json() {
+    fn batches_are_magic_length_crc_then_length_json_records() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = open(dir.path());
-        let rec = promise("t1", 4);
-        log.append_batch(std::slice::from_ref(&rec)).unwrap();
+        let recs = [promise("t1", 4), accept("t1", 4, false)];
+        log.append_batch(&recs).unwrap();
         let bytes = fs::read(log.path()).unwrap();
-        let json = serde_json::to_vec(&rec).unwrap();
-        assert_eq!(bytes[..4], (json.len() as u32).to_le_bytes());
-        assert_eq!(bytes[4..8], crc32fast::hash(&json).to_le_bytes());
-        assert_eq!(bytes[8..], json[..]);
+        assert_eq!(&bytes[..8], FILE_MAGIC);
+        let batch = &bytes[8..];
+        assert_eq!(&batch[..4], BATCH_MAGIC);
+        let body = &batch[12..];
+        assert_eq!(batch[4..8], (body.len() as u32).to_le_bytes());
+        assert_eq!(batch[8..12], crc32fast::hash(body).to_le_bytes());
+        let a = serde_json::to_vec(&recs[0]).unwrap();
+        assert_eq!(body[..4], (a.len() as u32).to_le_bytes());
+        assert_eq!(body[4..4 + a.len()], a[..]);
     }
 
     #[test]

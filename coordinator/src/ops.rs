@@ -82,6 +82,10 @@ pub struct ReplicaHealth {
     pub log_bytes: u64,
     pub oldest_undecided: Option<(String, u64)>,
     pub decided_retained: u64,
+    /// "serving", "degraded" or "draining" (empty when down), and why.
+    pub state: String,
+    pub state_reason: String,
+    pub rejoined: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -359,6 +363,9 @@ impl Deployment {
                             log_bytes: info.log_bytes,
                             oldest_undecided: info.oldest_undecided.map(|t| (t.txid, t.age_ms)),
                             decided_retained: info.decided_retained,
+                            state: info.state,
+                            state_reason: info.state_reason,
+                            rejoined: info.rejoined,
                         }
                     }
                     Err(s) => ReplicaHealth {
@@ -371,6 +378,9 @@ impl Deployment {
                         log_bytes: 0,
                         oldest_undecided: None,
                         decided_retained: 0,
+                        state: String::new(),
+                        state_reason: String::new(),
+                        rejoined: false,
                     },
                 }
             }

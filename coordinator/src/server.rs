@@ -9,6 +9,7 @@
 use crate::config::ReplicaConfig;
 use crate::driver::{Command, Decision, Info, Until};
 use crate::error::CoordinatorError;
+use crate::lifecycle::Lifecycle;
 use paxos_commit_core::status::{combine, TxnState};
 use paxos_commit_core::{LocalStatus, Msg, ReplicaId, TxnError, TxnId};
 use paxos_commit_proto::client::lazy_channel;
@@ -33,12 +34,14 @@ pub struct Handle {
     /// Other replicas, for GetStatus answers that need more than this replica knows.
     peers: Arc<Vec<Option<CoordinatorClient<Channel>>>>,
     gate: Gate,
+    life: Arc<Lifecycle>,
 }
 
 impl Handle {
     pub fn new(
         cfg: Arc<ReplicaConfig>,
         commands: mpsc::UnboundedSender<Command>,
+        life: Arc<Lifecycle>,
     ) -> Result<Handle, CoordinatorError> {
         let peers = cfg
             .replicas
@@ -58,48 +61,89 @@ impl Handle {
             cfg,
             commands,
             peers: Arc::new(peers),
+            life,
         })
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+    /// Asks the driver, and gives up after `bound`: an answer that waits for an fsync must
+    /// not make a call outlive its deadline when the disk hangs.
+    async fn ask_within<T>(
+        &self,
+        bound: Duration,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(make(tx))
             .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
-        rx.await
-            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))
+        match tokio::time::timeout(bound, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(CoordinatorError::ShuttingDown.into()),
+            Err(_) => Err(Status::unavailable(format!(
+                "replica {} did not answer within {} ms (is its acceptor log stalled?)",
+                self.cfg.id,
+                bound.as_millis()
+            ))),
+        }
     }
 
-    /// Waits for a decision; past the commit timeout it reports what is known, and an
-    /// undecided transaction as unknown-outcome Unavailable (never as a failure).
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        self.ask_within(self.cfg.commit_timeout, make).await
+    }
+
+    /// Waits for a decision, never longer than the commit timeout whatever the disk or the
+    /// network do. Past it, a decision that is known but not yet applied everywhere is still
+    /// an answer (saying who has not applied it); an undecided transaction is an
+    /// unknown-outcome Unavailable, never a failure.
     async fn decision(
         &self,
         txn: TxnId,
         make: impl FnOnce(oneshot::Sender<Result<Decision, TxnError>>) -> Command,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let deadline = tokio::time::Instant::now() + self.cfg.commit_timeout;
+        // Time kept back to ask what is known when the wait runs out.
+        let margin = (self.cfg.commit_timeout / 10).min(Duration::from_millis(500));
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(make(tx))
             .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
-        let decision = match tokio::time::timeout(self.cfg.commit_timeout, rx).await {
+        let unknown = || -> Status {
+            CoordinatorError::NoDecision {
+                txid: txn.to_string(),
+                waited_ms: self.cfg.commit_timeout.as_millis() as u64,
+            }
+            .into()
+        };
+        let waited = tokio::select! {
+            r = tokio::time::timeout_at(deadline - margin, rx) => r,
+            // The replica is closing its streams: it will not learn more.
+            () = self.life.closed() => return Err(unknown()),
+        };
+        let decision = match waited {
             Ok(Ok(Ok(d))) => d,
             Ok(Ok(Err(e))) => return Err(CoordinatorError::from(e).into()),
             Ok(Err(_)) => return Err(CoordinatorError::ShuttingDown.into()),
             Err(_) => {
-                // Decided but not yet applied everywhere still is an answer.
-                let (status, reason) = self.ask(|reply| Command::Status { txn, reply }).await?;
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let Ok((status, reason)) = self
+                    .ask_within(left, |reply| Command::Status { txn, reply })
+                    .await
+                else {
+                    return Err(unknown());
+                };
                 match status.decided {
-                    Some(outcome) => Decision {
-                        outcome,
-                        reason: reason.unwrap_or_default(),
-                    },
-                    None => {
-                        return Err(CoordinatorError::NoDecision {
-                            txid: txn.to_string(),
-                            waited_ms: self.cfg.commit_timeout.as_millis() as u64,
-                        }
-                        .into())
+                    Some(outcome) => {
+                        let d = Decision::from_status(outcome, reason.unwrap_or_default(), &status);
+                        tracing::info!(
+                            txid = %txn,
+                            ?outcome,
+                            not_applied = ?d.not_applied,
+                            "answering Commit at the commit timeout: decided, not yet applied \
+                             by every participant"
+                        );
+                        d
                     }
+                    None => return Err(unknown()),
                 }
             }
         };
@@ -107,6 +151,8 @@ impl Handle {
             txid: txn.to_string(),
             outcome: outcome_to_pb(decision.outcome),
             reason: decision.reason,
+            all_applied: decision.all_applied,
+            not_applied: decision.not_applied,
         }))
     }
 
@@ -196,6 +242,7 @@ impl pb::coordinator_server::Coordinator for Handle {
         let _admitted = self
             .gate
             .admit(&req, "Coordinator.Begin", &[Kind::Client])?;
+        self.life.admit_begin()?;
         let timeout_ms = req.into_inner().timeout_ms;
         let (txn, deadline) = self
             .ask(|reply| Command::Begin { timeout_ms, reply })
@@ -369,6 +416,9 @@ impl pb::coordinator_server::Coordinator for Handle {
             fsyncs: info.counters.fsyncs,
             records: info.counters.records,
             sent: info.sent.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            state: self.life.state().0.to_string(),
+            state_reason: self.life.state().1,
+            rejoined: info.stats.rejoined,
         }))
     }
 }
@@ -524,8 +574,18 @@ impl pb::acceptor_server::Acceptor for Handle {
             &[Kind::Replica, Kind::Agent],
         )?;
         let mut stream = req.into_inner();
-        while let Some(batch) = stream.message().await? {
-            self.deliver_batch(&caller, &batch)?;
+        let closed = self.life.closed();
+        tokio::pin!(closed);
+        loop {
+            tokio::select! {
+                batch = stream.message() => match batch? {
+                    Some(batch) => self.deliver_batch(&caller, &batch)?,
+                    None => break,
+                },
+                // A stopping replica is no longer anyone's acceptor: end the stream, so
+                // that the sender notices and the server can stop.
+                () = &mut closed => break,
+            }
         }
         Ok(Response::new(pb::Empty {}))
     }

@@ -53,6 +53,10 @@ impl ClientError {
 pub struct Decision {
     pub outcome: Outcome,
     pub reason: String,
+    /// Every participant confirmed applying it (see `DecisionResponse.all_applied`).
+    pub all_applied: bool,
+    /// Participants that had not confirmed when the answer was given.
+    pub not_applied: Vec<String>,
 }
 
 /// Where the coordinator replicas and the participants' agents listen.
@@ -199,8 +203,16 @@ impl Client {
                         leader: r.leader as usize,
                     });
                 }
-                // A replica at its limit of open transactions: another may have room.
-                Err(s) if is_unreachable(&s) || s.code() == Code::ResourceExhausted => last = s,
+                // A replica at its limit of open transactions, stopping, degraded or too slow
+                // to answer: another may serve. (A Begin that took effect unanswered costs
+                // only an open transaction that times out.)
+                Err(s)
+                    if is_unreachable(&s)
+                        || s.code() == Code::ResourceExhausted
+                        || s.code() == Code::DeadlineExceeded =>
+                {
+                    last = s
+                }
                 Err(s) => return Err(ClientError::Rpc(s)),
             }
         }
@@ -335,6 +347,8 @@ impl Transaction {
                     return Ok(Decision {
                         outcome,
                         reason: r.reason,
+                        all_applied: r.all_applied,
+                        not_applied: r.not_applied,
                     });
                 }
                 Err(s) if is_unreachable(&s) => last = s,

@@ -179,7 +179,7 @@ impl AcceptorTxn {
                 self.decided = Some(*outcome);
                 self.finished = true;
             }
-            Record::Round { .. } => {}
+            Record::Round { .. } | Record::Rejoined => {}
         }
     }
 

@@ -33,6 +33,9 @@ pub struct Coordination {
     pub tally: BTreeMap<(String, Ballot), (Vote, BTreeSet<ReplicaId>)>,
     /// Instances whose value is chosen.
     pub chosen: BTreeMap<String, Vote>,
+    /// Instances chosen Aborted in a takeover ballot rather than by the participant's own
+    /// ballot-0 vote: the abort's reason must not blame the participant for a slow leader.
+    pub aborted_by_takeover: BTreeSet<String>,
     /// Participants that confirmed they applied the decision.
     pub applied: BTreeSet<String>,
     /// Every participant applied the decision and the replicas were told.
@@ -53,6 +56,7 @@ impl Coordination {
             promises: None,
             tally: BTreeMap::new(),
             chosen: BTreeMap::new(),
+            aborted_by_takeover: BTreeSet::new(),
             applied: BTreeSet::new(),
             finished: false,
             local_only: false,
@@ -109,6 +113,9 @@ impl Coordination {
         entry.1.insert(acceptor);
         if entry.1.len() >= majority(replicas) {
             self.chosen.insert(instance.to_string(), vote);
+            if vote == Vote::Aborted && ballot > 0 {
+                self.aborted_by_takeover.insert(instance.to_string());
+            }
             // Its other ballots' counts can no longer matter.
             self.tally.retain(|(i, _), _| i != instance);
             return true;
@@ -135,7 +142,16 @@ impl Coordination {
             .iter()
             .find(|(p, v)| **v == Vote::Aborted && self.in_r(p))
         {
-            return Some((Outcome::Aborted, format!("participant {p} did not prepare")));
+            let reason = if self.aborted_by_takeover.contains(p) {
+                format!(
+                    "a takeover chose Aborted for participant {p}: no Prepared vote of it was \
+                     known to a majority of acceptors in time (the participant or the leader \
+                     was slow, paused or unreachable)"
+                )
+            } else {
+                format!("participant {p} voted Aborted (it did not prepare)")
+            };
+            return Some((Outcome::Aborted, reason));
         }
         let all_prepared = !self.participants.is_empty()
             && self

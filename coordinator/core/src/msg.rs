@@ -113,6 +113,11 @@ pub enum Record {
     },
     /// Every participant applied the decision.
     Finished { txn: TxnId, outcome: Outcome },
+    /// This replica lost its log (damaged, or its disk replaced) and was brought back with
+    /// `--rejoin`: it may once have promised or accepted anything in any transaction begun
+    /// before, so from here on it answers only for transactions it began itself since (see
+    /// `Replica::answers_for`). Kept by every compaction.
+    Rejoined,
 }
 
 /// What a step of the core asks its shell to do.

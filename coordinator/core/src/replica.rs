@@ -52,6 +52,9 @@ impl Config {
 pub enum TxnError {
     /// This replica never heard of it (or forgot it).
     Unknown { txn: TxnId, expired: bool },
+    /// This replica rejoined after losing its log and takes no part in a transaction that
+    /// may be older than that: another replica must settle it.
+    Abstains { txn: TxnId },
     /// The transaction is led by another replica.
     NotLeader { txn: TxnId, leader: ReplicaId },
     /// Enlisting after the participant set was frozen.
@@ -78,6 +81,11 @@ impl fmt::Display for TxnError {
             TxnError::NotLeader { txn, leader } => {
                 write!(f, "transaction {txn} is led by replica {leader}")
             }
+            TxnError::Abstains { txn } => write!(
+                f,
+                "this replica rejoined after losing its acceptor log and takes no part in \
+                 transaction {txn}, which may have begun before; ask another replica"
+            ),
             TxnError::Frozen { txn } => write!(
                 f,
                 "transaction {txn} is committing or decided: no new participant may join"
@@ -115,6 +123,8 @@ pub struct LocalStatus {
 /// Counters for the cluster view.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Runs under `Record::Rejoined` (answers only for its own new transactions).
+    pub rejoined: bool,
     pub leading: usize,
     pub undecided: usize,
     pub oldest_undecided: Option<(TxnId, u64)>,
@@ -149,6 +159,8 @@ pub struct Replica {
     cfg: Config,
     /// Highest round used as a proposer (durable via `Record::Round`).
     round: u64,
+    /// Under `Record::Rejoined`: see [`Replica::answers_for`].
+    rejoined: bool,
     acceptor: BTreeMap<TxnId, AcceptorTxn>,
     coordination: BTreeMap<TxnId, Coordination>,
     /// One timer per transaction; what it does when it fires follows from the state.
@@ -166,6 +178,7 @@ impl Replica {
         Replica {
             cfg,
             round: 0,
+            rejoined: false,
             acceptor: BTreeMap::new(),
             coordination: BTreeMap::new(),
             timers: BTreeMap::new(),
@@ -190,6 +203,7 @@ impl Replica {
                     let round = (*round).min(max_round(replica.cfg.replicas));
                     replica.round = replica.round.max(round);
                 }
+                Record::Rejoined => replica.rejoined = true,
                 other => {
                     if let Some(txn) = record_txn(other) {
                         let entry = replica.acceptor.entry(txn).or_default();
@@ -237,6 +251,9 @@ impl Replica {
     /// The durable records that rebuild the current acceptor state (log compaction).
     pub fn durable_records(&self) -> Vec<Record> {
         let mut out = vec![Record::Round { round: self.round }];
+        if self.rejoined {
+            out.insert(0, Record::Rejoined);
+        }
         for (txn, acc) in &self.acceptor {
             acc.records(*txn, &mut out);
         }
@@ -379,6 +396,10 @@ impl Replica {
                 txn,
                 expired: false,
             });
+        }
+        if !self.answers_for(txn) {
+            // A takeover here could reuse a ballot this replica used before it lost its log.
+            return Err(TxnError::Abstains { txn });
         }
         if self.expired.set.contains(&txn) {
             // Decided, finished (or never told R) and retired after the retention window: the
@@ -532,6 +553,11 @@ impl Replica {
         if self.expired.set.contains(&msg.txn()) {
             // A late duplicate about a transaction finished and retired long ago: answering it
             // would restart the protocol on a blank slate.
+            return;
+        }
+        if matches!(msg, Msg::Phase1a { .. } | Msg::Phase2a { .. }) && !self.answers_for(msg.txn())
+        {
+            // Silence, as from a replica that is down: the others settle it.
             return;
         }
         match msg {
@@ -787,7 +813,7 @@ impl Replica {
             _ => {
                 if self.known_decision(txn).is_some() {
                     self.push_decision(now, txn);
-                } else {
+                } else if self.answers_for(txn) {
                     self.takeover_state(now, txn);
                     self.start_phase1(now, txn);
                 }
@@ -893,7 +919,21 @@ impl Replica {
             outcome,
             reason,
         });
-        if !was_open {
+        if was_open {
+            // No acceptor heard of an open transaction, so only this replica knows it aborted:
+            // durable here (before the client hears of it), so that GetStatus keeps saying
+            // "aborted" across a restart for the whole retention window.
+            let acc = self.acceptor_entry(now, txn);
+            acc.decided = Some(outcome);
+            if acc.participants.is_empty() {
+                acc.participants = participants.clone();
+            }
+            self.out.push(Output::Persist(Record::Decided {
+                txn,
+                outcome,
+                participants: participants.clone(),
+            }));
+        } else {
             // Only a transaction that reached the acceptors needs them to learn it.
             for r in 0..replicas {
                 self.send_replica(
@@ -994,6 +1034,22 @@ impl Replica {
             return Some(o);
         }
         self.acceptor.get(&txn).and_then(|a| a.decided)
+    }
+
+    /// Whether this replica's acceptor and proposer take part in `txn`. Always, unless it
+    /// rejoined after losing its log: then it may have promised a ballot or accepted a vote in
+    /// any transaction begun before, and answering again (a ballot-0 vote below a forgotten
+    /// promise, a takeover reusing a forgotten ballot) could let two values be chosen. So it
+    /// answers only for transactions it began since (coordinated here) or already answered
+    /// for since (its post-rejoin log holds a promise or an acceptance); every other is
+    /// left to the other replicas, as if this one were down.
+    pub fn answers_for(&self, txn: TxnId) -> bool {
+        !self.rejoined
+            || (txn.leader() == self.cfg.id && self.coordination.contains_key(&txn))
+            || self
+                .acceptor
+                .get(&txn)
+                .is_some_and(|a| a.promised > 0 || !a.accepted.is_empty())
     }
 
     fn led(&mut self, txn: TxnId) -> Result<&mut Coordination, TxnError> {
@@ -1100,6 +1156,7 @@ impl Replica {
 
     pub fn stats(&self) -> Stats {
         let mut stats = Stats {
+            rejoined: self.rejoined,
             leading: self
                 .coordination
                 .iter()
@@ -1130,7 +1187,7 @@ fn record_txn(record: &Record) -> Option<TxnId> {
         | Record::Accept { txn, .. }
         | Record::Decided { txn, .. }
         | Record::Finished { txn, .. } => Some(*txn),
-        Record::Round { .. } => None,
+        Record::Round { .. } | Record::Rejoined => None,
     }
 }
 

@@ -279,6 +279,9 @@ enum Bug {
     /// On restart, replays its log without the Promise records: an acceptor that forgets the
     /// ballots it promised.
     ForgetPromises,
+    /// Restarts with its acceptor state lost (as `rejoin` does) but without
+    /// `Record::Rejoined`: an operator who wiped a damaged log and started the replica as new.
+    LoseLog,
 }
 
 /// The knobs of one model run.
@@ -317,6 +320,10 @@ struct Cfg {
     /// (the leader commits in its `on_start`, so that only removes the Prepare deliveries
     /// from the interleavings: a vote may still arrive at any time, or never).
     prepare_step: bool,
+    /// Every restart loses the acceptor state (a damaged log moved aside) and rejoins under
+    /// `Record::Rejoined`, as `coordinator --rejoin` does; the records it had stay in the
+    /// history the properties read, since what it accepted before still counts.
+    rejoin: bool,
     bug: Bug,
 }
 
@@ -452,12 +459,17 @@ impl Actor for Node {
                 st
             }
             Some(Stored { records, restarts }) => {
-                let replay: Vec<Record> = records
-                    .iter()
-                    .filter(|r| {
-                        !(cfg.bug == Bug::ForgetPromises && matches!(r, Record::Promise { .. }))
+                let lose_log = cfg.rejoin || cfg.bug == Bug::LoseLog;
+                let replay: Vec<Record> = cfg
+                    .rejoin
+                    .then_some(Record::Rejoined)
+                    .into_iter()
+                    .chain(records.iter().cloned())
+                    .filter(|r| match r {
+                        Record::Promise { .. } => !lose_log && cfg.bug != Bug::ForgetPromises,
+                        Record::Accept { .. } | Record::Round { .. } => !lose_log,
+                        _ => true,
                     })
-                    .cloned()
                     .collect();
                 let st = replica_state(
                     Replica::recover(config(rid), seed(rid), &replay, NOW),
@@ -928,10 +940,11 @@ fn env_cfg() -> Cfg {
         } else {
             &[[Vote::Prepared, Vote::Prepared]]
         },
-        bug: if var("PXC_BUG", 0) == 1 {
-            Bug::ForgetPromises
-        } else {
-            Bug::None
+        rejoin: var("PXC_REJOIN", 0) == 1,
+        bug: match var("PXC_BUG", 0) {
+            1 => Bug::ForgetPromises,
+            2 => Bug::LoseLog,
+            _ => Bug::None,
         },
     }
 }
@@ -995,8 +1008,61 @@ fn ci_bounds() -> Cfg {
         finishing: false,
         agents: 2,
         votes: BOTH_WAYS,
+        rejoin: false,
         bug: Bug::None,
     }
+}
+
+/// The bounds of the rejoin runs: any replica may lose its log once (replica 0 is the
+/// leader; replica 1 also runs the takeover), with both agents voting Prepared.
+fn rejoin_bounds() -> Cfg {
+    Cfg {
+        crashable: 0b011,
+        votes: &[[Vote::Prepared, Vote::Prepared]],
+        ..ci_bounds()
+    }
+}
+
+/// A replica that lost its log and rejoined (`--rejoin`: acceptor state gone, answering only
+/// for transactions begun after) never lets two outcomes be chosen, whichever replica it is
+/// and whenever it loses the log.
+#[test]
+fn a_replica_that_rejoins_after_losing_its_log_keeps_every_property() {
+    let start = Instant::now();
+    let checker = check(Cfg {
+        rejoin: true,
+        ..rejoin_bounds()
+    });
+    checker.assert_properties();
+    println!(
+        "rejoin: {} unique states in {:.1?}",
+        checker.unique_state_count(),
+        start.elapsed()
+    );
+}
+
+/// The same loss without the rejoin fence is caught: the fence is what makes it safe.
+#[test]
+fn losing_the_log_without_rejoining_is_caught() {
+    let cfg = Cfg {
+        bug: Bug::LoseLog,
+        ..rejoin_bounds()
+    };
+    let checker = model(cfg)
+        .checker()
+        .threads(threads())
+        .finish_when(HasDiscoveries::AnyFailures)
+        .spawn_bfs()
+        .join();
+    let found = safety_violations(&checker);
+    println!(
+        "lost log: {found:?} after {} unique states",
+        checker.unique_state_count()
+    );
+    assert!(
+        !found.is_empty(),
+        "the checker missed an acceptor that lost its log"
+    );
 }
 
 /// The checker finds the violation an acceptor that forgets its promises causes.
@@ -1017,7 +1083,22 @@ fn forgetting_promises_is_caught() {
         .finish_when(HasDiscoveries::AnyFailures)
         .spawn_bfs()
         .join();
-    let found: Vec<&str> = checker
+    let found = safety_violations(&checker);
+    println!(
+        "forgetful acceptor: {found:?} after {} unique states in {:.1?}",
+        checker.unique_state_count(),
+        start.elapsed()
+    );
+    assert!(!found.is_empty(), "the checker missed a forgetful acceptor");
+    let path = checker.discovery(found[0]).expect("a path");
+    for action in path.into_actions() {
+        println!("  {action:?}");
+    }
+}
+
+/// The safety properties a run found violated.
+fn safety_violations(checker: &impl Checker<PaxosCommitModel>) -> Vec<&'static str> {
+    checker
         .discoveries()
         .into_keys()
         .filter(|name| {
@@ -1029,17 +1110,7 @@ fn forgetting_promises_is_caught() {
                     | "only one decision is announced"
             )
         })
-        .collect();
-    println!(
-        "forgetful acceptor: {found:?} after {} unique states in {:.1?}",
-        checker.unique_state_count(),
-        start.elapsed()
-    );
-    assert!(!found.is_empty(), "the checker missed a forgetful acceptor");
-    let path = checker.discovery(found[0]).expect("a path");
-    for action in path.into_actions() {
-        println!("  {action:?}");
-    }
+        .collect()
 }
 
 /// How many distinct local states each actor has over the explored space (bounds tuning).

@@ -474,7 +474,14 @@ async fn cluster(d: &Deployment, json: bool) -> ExitCode {
                     r.replica.to_string(),
                     r.address.clone(),
                     if r.up {
-                        "up".into()
+                        let mut state = match r.state.as_str() {
+                            "" | "serving" => "up".to_string(),
+                            other => format!("{} ({})", other.to_uppercase(), r.state_reason),
+                        };
+                        if r.rejoined {
+                            state.push_str(" [rejoined]");
+                        }
+                        state
                     } else {
                         format!("DOWN ({})", r.error.clone().unwrap_or_default())
                     },
