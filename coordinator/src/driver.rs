@@ -418,6 +418,20 @@ impl Driver {
                     if draining && msg.txn().leader() != me {
                         continue;
                     }
+                    if let Msg::Nack {
+                        txn,
+                        ballot,
+                        promised,
+                    } = &msg
+                    {
+                        tracing::info!(
+                            txid = %txn,
+                            ballot,
+                            promised,
+                            acceptor = from,
+                            "nack: an acceptor refused this replica's ballot; a higher one follows"
+                        );
+                    }
                     self.core.on_message(now, from, msg);
                 }
             }
@@ -627,7 +641,7 @@ impl Driver {
             match o {
                 Held::Out(Output::Persist(_) | Output::PersistLazy(_)) => {}
                 Held::Out(Output::Send { to, msg }) => {
-                    tracing::debug!(?to, kind = crate::peers::kind(&msg), txn = %msg.txn(), "send");
+                    self.note_send(&to, &msg);
                     self.peers.send(to, msg)
                 }
                 Held::Out(Output::Decided {
@@ -635,12 +649,44 @@ impl Driver {
                     outcome,
                     reason,
                 }) => {
+                    if outcome == Outcome::Aborted {
+                        tracing::info!(txid = %txn, reason = %reason, "decided: aborted");
+                    } else {
+                        tracing::debug!(txid = %txn, "decided: committed");
+                    }
                     let decision = Decision::from_status(outcome, reason, &self.core.status(txn));
                     self.on_decided(txn, decision)
                 }
                 Held::Out(Output::Finished { txn, outcome }) => self.on_finished(txn, outcome),
                 Held::Reply(reply) => reply(),
             }
+        }
+    }
+
+    /// What an operator must see at INFO: a takeover starting (a phase 1a, logged once, as
+    /// sent to this replica's own acceptor) and a ballot refused by this acceptor (a nack).
+    fn note_send(&self, to: &paxos_commit_core::Dest, msg: &Msg) {
+        let me = paxos_commit_core::Dest::Replica(self.core.config().id);
+        match msg {
+            Msg::Phase1a { txn, ballot, .. } if *to == me => tracing::info!(
+                txid = %txn,
+                ballot,
+                leader = txn.leader(),
+                "takeover: starting phase 1 for a transaction whose leader went silent or \
+                 that a participant asked about"
+            ),
+            Msg::Nack {
+                txn,
+                ballot,
+                promised,
+            } => tracing::info!(
+                txid = %txn,
+                ballot,
+                promised,
+                ?to,
+                "nack: refused a ballot below this acceptor's promise"
+            ),
+            _ => tracing::debug!(?to, kind = crate::peers::kind(msg), txn = %msg.txn(), "send"),
         }
     }
 
