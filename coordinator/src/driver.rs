@@ -196,7 +196,15 @@ pub struct Driver {
     fsync_stall: Duration,
     /// Waiting for the drain to finish.
     drained: Vec<oneshot::Sender<()>>,
+    /// After a pause of this process: timers wait until then (see `run`).
+    timers_after: Option<Instant>,
 }
+
+/// How late a wake-up must be to mean that this process was paused.
+const RESUMED_LATE: Duration = Duration::from_millis(500);
+
+/// How long a resumed replica reads what queued up before its timers act.
+const RESUME_GRACE: Duration = Duration::from_millis(200);
 
 /// Compact the log once this many records were appended since the last rewrite, and at least
 /// twice as many as that rewrite kept: a rewrite costs as much as the live state it writes,
@@ -261,6 +269,7 @@ impl Driver {
             stalled: false,
             fsync_stall,
             drained: Vec::new(),
+            timers_after: None,
         }
     }
 
@@ -292,6 +301,9 @@ impl Driver {
             if let (Some(since), false) = (self.in_flight_since, self.stalled) {
                 wake = wake.min(tokio::time::Instant::from_std(since + self.fsync_stall));
             }
+            if let Some(at) = self.timers_after {
+                wake = wake.min(tokio::time::Instant::from_std(at));
+            }
             let sleep = tokio::time::sleep_until(wake);
             tokio::select! {
                 cmd = self.rx.recv() => {
@@ -317,8 +329,25 @@ impl Driver {
                 _ = sleep => {}
             }
             self.check_stall();
-            let now = self.now();
-            self.core.on_tick(now);
+            if tokio::time::Instant::now() > wake + RESUMED_LATE {
+                // This process was not run for a while (paused, swapped out, a frozen VM):
+                // its timers all look expired, but the messages that would have stopped them
+                // are queued in its sockets. Read those first, so that a resumed leader does
+                // not take over (and abort) its own healthy transactions.
+                tracing::warn!(
+                    late_ms = (tokio::time::Instant::now() - wake).as_millis() as u64,
+                    "this replica was not scheduled for a while; reading queued messages \
+                     before acting on its timers"
+                );
+                self.timers_after = Some(Instant::now() + RESUME_GRACE);
+            }
+            if self.timers_after.is_some_and(|at| Instant::now() >= at) {
+                self.timers_after = None;
+            }
+            if self.timers_after.is_none() {
+                let now = self.now();
+                self.core.on_tick(now);
+            }
             if !self.drained.is_empty() && self.idle() {
                 for reply in self.drained.drain(..) {
                     let _ = reply.send(());
