@@ -1144,3 +1144,99 @@ fn message_and_write_counts() {
         }
     }
 }
+
+/// A replica brought back with `--rejoin` (its log lost) stays silent on every transaction
+/// that may be older than the rejoin, and refuses to take one over, but is a full acceptor
+/// and leader for the transactions it begins itself afterwards, across its own restarts.
+#[test]
+fn a_rejoined_replica_answers_only_for_transactions_it_began_after() {
+    let (a, b) = rs();
+    let r_set = vec![a.clone(), b.clone()];
+    let mut r = Replica::recover(Config::new(1, 3), 7, &[Record::Rejoined], 0);
+    assert!(r.stats().rejoined);
+    assert_eq!(r.durable_records()[0], Record::Rejoined);
+
+    // Led by replica 0 and begun before: its vote, a phase 1a and a phase 2a get silence.
+    let old = TxnId::new(0, 42);
+    let vote = |txn: TxnId, p: &Participant| Msg::Phase2a {
+        txn,
+        participant: p.id.clone(),
+        ballot: 0,
+        vote: Vote::Prepared,
+        participants: r_set.clone(),
+    };
+    r.on_message(0, 0, vote(old, &a));
+    r.on_message(
+        0,
+        0,
+        Msg::Phase1a {
+            txn: old,
+            ballot: 3,
+            participants: r_set.clone(),
+        },
+    );
+    r.on_message(
+        0,
+        0,
+        Msg::Phase2a {
+            txn: old,
+            participant: a.id.clone(),
+            ballot: 3,
+            vote: Vote::Aborted,
+            participants: r_set.clone(),
+        },
+    );
+    assert_eq!(r.drain(), vec![]);
+    assert!(!r.answers_for(old));
+    // Nor does it take one over, whoever asks; not even one it led itself before.
+    assert!(matches!(
+        r.resolve(0, old, Some("a"), &r_set),
+        Err(paxos_commit_core::TxnError::Abstains { .. })
+    ));
+    let old_own = TxnId::new(1, 43);
+    r.on_message(0, 0, vote(old_own, &a));
+    assert_eq!(r.drain(), vec![]);
+    assert!(matches!(
+        r.resolve(0, old_own, None, &[]),
+        Err(paxos_commit_core::TxnError::Abstains { .. })
+    ));
+    // Its timers never start a phase 1 for them either.
+    r.on_tick(u64::MAX / 2);
+    assert!(r.drain().iter().all(|o| !matches!(
+        o,
+        Output::Send {
+            msg: Msg::Phase1a { .. },
+            ..
+        }
+    )));
+
+    // A transaction it begins now: its acceptor accepts the votes and persists them.
+    let t = r.begin(0, 5);
+    r.enlist(0, t, a.clone()).expect("enlist a");
+    r.enlist(0, t, b.clone()).expect("enlist b");
+    assert_eq!(r.commit(0, t), Ok(None));
+    r.drain();
+    r.on_message(0, 0, vote(t, &a));
+    let out = r.drain();
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Persist(Record::Accept { txn, .. }) if *txn == t)),
+        "{out:?}"
+    );
+    assert!(r.answers_for(t));
+
+    // Restarted from its new log, it still answers for that one, and still not for the rest.
+    let mut records = vec![Record::Rejoined];
+    records.extend(out.into_iter().filter_map(|o| match o {
+        Output::Persist(rec) => Some(rec),
+        _ => None,
+    }));
+    let mut again = Replica::recover(Config::new(1, 3), 8, &records, 0);
+    assert!(again.answers_for(t));
+    assert!(!again.answers_for(old));
+    again.on_message(0, 0, vote(t, &b));
+    assert!(again
+        .drain()
+        .iter()
+        .any(|o| matches!(o, Output::Persist(Record::Accept { txn, .. }) if *txn == t)));
+}
