@@ -539,7 +539,12 @@ async fn cluster(d: &Deployment, json: bool) -> ExitCode {
         );
     }
     let majority = replicas.len() / 2 + 1;
-    if replicas.iter().filter(|r| r.up).count() < majority || agents.iter().any(|a| !a.up) {
+    // A degraded or draining replica answers, but cannot take part in a decision.
+    let serving = replicas
+        .iter()
+        .filter(|r| r.up && matches!(r.state.as_str(), "" | "serving"))
+        .count();
+    if serving < majority || agents.iter().any(|a| !a.up) {
         ExitCode::from(EXIT_UNREACHABLE)
     } else {
         ExitCode::from(EXIT_OK)
