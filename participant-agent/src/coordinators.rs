@@ -15,13 +15,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-/// How long an enlistment waits for the leader's answer. Its message can be lost with a
-/// broken stream, and a leader that is down never answers: the statement then fails with
-/// Unavailable, as a refused connection would.
+/// How long an enlistment waits for the leader's answer. A leader that is down never
+/// answers: the statement then fails with Unavailable, as a refused connection would.
 const ENLIST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// When an unanswered enlistment is sent again, counted from the previous send. The message
+/// or its answer can be lost with a stream that broke (a replica or this agent restarted, a
+/// connection reset), and one lost answer must not cost the statement the whole deadline.
+/// The leader answers a repeated enlistment as it did the first (the same agent is simply
+/// enlisted), so repeating is safe; the first answer to arrive is the one that counts.
+const ENLIST_RESEND: [Duration; 3] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_millis(500),
+];
 
 /// Enlistments sent and not answered yet, by transaction.
 type Waiting = HashMap<TxnId, oneshot::Sender<Result<(), Status>>>;
@@ -84,19 +95,35 @@ impl Coordinators {
                 txn.leader()
             ))
         })?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.waiting().insert(txn, tx);
-        leader.send(enlist_to_pb(txn, &self.me));
-        let answer = tokio::time::timeout(ENLIST_TIMEOUT, rx).await;
+        let deadline = Instant::now() + ENLIST_TIMEOUT;
+        let mut resend = ENLIST_RESEND.iter();
+        let mut sent = 0;
+        let answer = loop {
+            leader.send(enlist_to_pb(txn, &self.me));
+            sent += 1;
+            let next = resend
+                .next()
+                .map_or(deadline, |after| (Instant::now() + *after).min(deadline));
+            match tokio::time::timeout_at(next, &mut rx).await {
+                Ok(answer) => break answer.ok(),
+                Err(_) if Instant::now() >= deadline => break None,
+                Err(_) => {}
+            }
+        };
         self.waiting().remove(&txn);
-        match answer {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) | Err(_) => Err(Status::unavailable(format!(
-                "the leader of {txn} (replica {}) did not answer the enlistment within {} ms",
+        if sent > 1 {
+            tracing::debug!(%txn, sent, answered = answer.is_some(), "enlistment sent again");
+        }
+        answer.unwrap_or_else(|| {
+            Err(Status::unavailable(format!(
+                "the leader of {txn} (replica {}) did not answer the enlistment within {} ms \
+                 ({sent} attempts)",
                 txn.leader(),
                 ENLIST_TIMEOUT.as_millis()
-            ))),
-        }
+            )))
+        })
     }
 
     /// The leader's answer to an enlistment (`code` 0: enlisted). An answer nobody waits for
