@@ -16,6 +16,7 @@
 
 use crate::config::AgentConfig;
 use crate::coordinators::Coordinators;
+use crate::db_tls::DbConnect;
 use crate::error::AgentError;
 use crate::guard;
 use crate::values::{self, PgTimestamp};
@@ -80,11 +81,14 @@ pub struct BranchSettings {
     /// How long a commit proof stays in `paxos_commit.committed`. A decision that arrives
     /// later than this for a gid that is gone cannot be checked any more.
     pub commit_proof_retention: Duration,
+    /// How the database is reached, for a request that cancels a running statement.
+    pub database_tls: DbConnect,
 }
 
 impl BranchSettings {
     pub fn from_config(cfg: &AgentConfig) -> BranchSettings {
         BranchSettings {
+            database_tls: cfg.database_tls.clone(),
             max_statement_bytes: cfg.max_statement_bytes,
             max_result_bytes: cfg.max_result_bytes,
             max_open_branches: cfg.max_open_branches,
@@ -148,6 +152,9 @@ struct Branch {
     state: tokio::sync::Mutex<State>,
     touched: Mutex<Instant>,
     resolving: AtomicBool,
+    /// While a client's statement runs (with `state` locked): how to cancel it, should it
+    /// outlive a stopping agent's drain.
+    running: Mutex<Option<tokio_postgres::CancelToken>>,
 }
 
 impl Branch {
@@ -156,7 +163,13 @@ impl Branch {
             state: tokio::sync::Mutex::new(state),
             touched: Mutex::new(Instant::now()),
             resolving: AtomicBool::new(false),
+            running: Mutex::new(None),
         })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<tokio_postgres::CancelToken>> {
+        // A panic while holding this lock leaves the token itself consistent.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn touch(&self) {
@@ -167,6 +180,24 @@ impl Branch {
 
     fn idle(&self) -> Duration {
         self.touched.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
+/// Marks a branch as running a client's statement on a connection, until dropped. Only for
+/// the statement's duration: the connection goes back to the pool when the branch ends, and
+/// a token kept longer could cancel another branch's statement.
+struct Running<'a>(&'a Branch);
+
+impl<'a> Running<'a> {
+    fn on(branch: &'a Branch, conn: &Object) -> Running<'a> {
+        *branch.running() = Some(conn.cancel_token());
+        Running(branch)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        *self.0.running() = None;
     }
 }
 
@@ -188,7 +219,30 @@ pub struct Branches {
     open_slots: Arc<Semaphore>,
     last_prune: Mutex<Instant>,
     pruning: Arc<AtomicBool>,
+    /// Told to stop: no new branches, and the open ones are being rolled back.
+    stopping: AtomicBool,
 }
+
+/// What stopping did with the branches (see [`Branches::shut_down`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Open branches rolled back: their row locks are gone and their transactions abort.
+    pub rolled_back: usize,
+    /// Prepared branches (and those whose PREPARE's outcome is unknown) left to recovery:
+    /// they stay in `pg_prepared_xacts` and the next start resolves them through the group.
+    pub prepared: usize,
+    /// Of the branches rolled back, those whose statement was still running when the drain
+    /// ended, and was cancelled.
+    pub cancelled: usize,
+    /// Branches still busy after that (PostgreSQL did not answer, or a PREPARE or a decision
+    /// still running): their connections close with the process, PostgreSQL rolls back what
+    /// they had open, and recovery settles what they may have prepared.
+    pub busy: usize,
+}
+
+/// How long cancelling the statements that outlived the drain, and the ROLLBACKs of the open
+/// branches, may take once the drain has ended.
+const ROLLBACK_GRACE: Duration = Duration::from_secs(1);
 
 /// What PostgreSQL said about a connection's transaction (see [`MARK_SQL`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +356,7 @@ impl Branches {
             branches: Mutex::new(HashMap::new()),
             last_prune: Mutex::new(long_ago),
             pruning: Arc::new(AtomicBool::new(false)),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -338,11 +393,19 @@ impl Branches {
             .saturating_sub(self.open_slots.available_permits())
     }
 
+    /// Whether the agent was told to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     /// `txn`'s branch, created (taking an open-branch slot) if it does not exist yet.
     fn branch_for(&self, txn: TxnId) -> Result<Arc<Branch>, AgentError> {
         let mut map = self.map();
         if let Some(b) = map.get(&txn) {
             return Ok(b.clone());
+        }
+        if self.is_stopping() {
+            return Err(AgentError::ShuttingDown { txn });
         }
         let slot = self.open_slots.clone().try_acquire_owned().map_err(|_| {
             AgentError::Busy(format!(
@@ -387,12 +450,25 @@ impl Branches {
         let branch = self.branch_for(txn)?;
         let mut state = branch.state.lock().await;
         branch.touch();
+        if self.is_stopping() && state.is_open() {
+            if matches!(*state, State::New { .. }) {
+                // Nothing ran and nobody was told of it: the branch never existed.
+                drop(state);
+                self.remove(txn);
+                return Err(AgentError::ShuttingDown { txn });
+            }
+            // About to be rolled back: the statement must not run, nor the branch commit
+            // without it.
+            return Err(self
+                .refuse(txn, &mut state, AgentError::ShuttingDown { txn })
+                .await);
+        }
         if let Some(e) = refused {
             return Err(self.refuse(txn, &mut state, e).await);
         }
         match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
             State::New { slot } => {
-                let opened = match self.begin(txn, sql, params).await {
+                let opened = match self.begin(&branch, txn, sql, params).await {
                     Ok(opened) => opened,
                     Err(e) => {
                         // The slot goes with the state; the branch never existed for anyone.
@@ -415,7 +491,10 @@ impl Branches {
                     branch: Some(txn.to_string()),
                     started,
                 };
-                let ran = statement(&conn, txn, sql, params, self.settings.max_result_bytes).await;
+                let ran = {
+                    let _running = Running::on(&branch, &conn);
+                    statement(&conn, txn, sql, params, self.settings.max_result_bytes).await
+                };
                 let opened = Opened {
                     conn: *conn,
                     started,
@@ -506,12 +585,14 @@ impl Branches {
     /// (which may be an error that fails the branch) comes back beside the connection.
     async fn begin(
         &self,
+        branch: &Branch,
         txn: TxnId,
         sql: &str,
         params: &[pb::Value],
     ) -> Result<Opened, AgentError> {
         let open = async {
             let conn = self.pool.get().await.map_err(AgentError::pool)?;
+            let _running = Running::on(branch, &conn);
             let begin_sql = self.begin_sql(txn);
             let (begun, marked, ran) = tokio::join!(
                 conn.batch_execute(&begin_sql),
@@ -992,9 +1073,90 @@ impl Branches {
         true
     }
 
+    /// Stops the agent's branches (SIGTERM): no new branch is opened from now on; each open
+    /// branch is rolled back as soon as the statement or PREPARE it is running (if any) has
+    /// finished, for at most `drain`; prepared branches are left alone. Their transactions
+    /// are the group's to decide, and the next start finds them in `pg_prepared_xacts` and
+    /// asks the group (`recover`), as after a crash.
+    ///
+    /// A rolled-back branch stays as an aborted tombstone, as after a branch timeout: a
+    /// Prepare that arrives before the process is gone votes Aborted, and one that arrives
+    /// later finds nothing prepared and votes Aborted too.
+    pub async fn shut_down(&self, drain: Duration) -> Stopped {
+        self.stopping.store(true, Ordering::Release);
+        let drained = tokio::time::Instant::now() + drain;
+        let branches: Vec<Arc<Branch>> = self.map().values().cloned().collect();
+        let ends = branches.iter().map(|b| self.stop_branch(b, drained));
+        futures::future::join_all(ends)
+            .await
+            .into_iter()
+            .fold(Stopped::default(), |a, b| Stopped {
+                rolled_back: a.rolled_back + b.rolled_back,
+                prepared: a.prepared + b.prepared,
+                cancelled: a.cancelled + b.cancelled,
+                busy: a.busy + b.busy,
+            })
+    }
+
+    /// One branch of [`Branches::shut_down`].
+    async fn stop_branch(&self, branch: &Branch, drained: tokio::time::Instant) -> Stopped {
+        let none = Stopped::default();
+        let busy = Stopped { busy: 1, ..none };
+        let grace = drained + ROLLBACK_GRACE;
+        let mut cancelled = 0;
+        let state = match tokio::time::timeout_at(drained, branch.state.lock()).await {
+            Ok(state) => state,
+            Err(_) => {
+                // A client's statement that outlived the drain is cancelled: PostgreSQL would
+                // not notice the agent's connection close while the statement runs, and
+                // would hold its row locks until it ended. Its branch fails and is rolled
+                // back below. Anything else (a PREPARE, a decision being applied) is left
+                // to finish, or to end with the process, and to recovery.
+                let token = branch.running().clone();
+                let Some(token) = token else { return busy };
+                match tokio::time::timeout_at(grace, self.settings.database_tls.cancel(&token))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("could not cancel a running statement: {e}"),
+                    Err(_) => tracing::warn!("cancelling a running statement did not answer"),
+                }
+                match tokio::time::timeout_at(grace, branch.state.lock()).await {
+                    Ok(state) => {
+                        cancelled = 1;
+                        state
+                    }
+                    Err(_) => return busy,
+                }
+            }
+        };
+        match &*state {
+            s if s.is_open() => {
+                match tokio::time::timeout_at(grace, self.roll_back_open(branch, state)).await {
+                    Ok(()) => Stopped {
+                        rolled_back: 1,
+                        cancelled,
+                        ..none
+                    },
+                    // PostgreSQL did not answer: the connection closes with the process.
+                    Err(_) => busy,
+                }
+            }
+            State::Prepared { .. } | State::Uncertain { .. } => Stopped {
+                prepared: 1,
+                ..none
+            },
+            _ => none,
+        }
+    }
+
     /// Periodic duties: roll back abandoned open branches, ask the group about prepared
     /// branches that waited too long for their decision, and prune old commit proofs.
+    /// Nothing once the agent is stopping: its prepared branches are left to the next start.
     pub async fn sweep(self: &Arc<Self>, branch_timeout: Duration, in_doubt_after: Duration) {
+        if self.is_stopping() {
+            return;
+        }
         if self.prune_due() {
             let this = self.clone();
             tokio::spawn(async move {

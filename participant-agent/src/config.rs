@@ -48,6 +48,7 @@ struct FileConfig {
     max_open_branches: Option<usize>,
     max_concurrent_calls: Option<usize>,
     commit_proof_retention_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -127,6 +128,11 @@ pub struct AgentArgs {
     /// How long (ms) each committed branch's proof row stays in paxos_commit.committed.
     #[arg(long, env = "PAXOS_AGENT_COMMIT_PROOF_RETENTION_MS")]
     pub commit_proof_retention_ms: Option<u64>,
+    /// After SIGTERM, how long (ms) statements and PREPAREs already running may take to
+    /// finish before the agent rolls back its open branches and exits anyway. Keep it well
+    /// below the stop deadline (PAXOS_COMMIT_STOP_DEADLINE_MS, 9 s).
+    #[arg(long, env = "PAXOS_AGENT_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +157,8 @@ pub struct AgentConfig {
     pub max_open_branches: usize,
     pub max_concurrent_calls: usize,
     pub commit_proof_retention: Duration,
+    /// After SIGTERM: how long running statements and PREPAREs may take to finish.
+    pub drain_timeout: Duration,
 }
 
 impl AgentArgs {
@@ -291,6 +299,11 @@ impl AgentArgs {
                 self.commit_proof_retention_ms
                     .or(file.commit_proof_retention_ms)
                     .unwrap_or(86_400_000),
+            ),
+            drain_timeout: Duration::from_millis(
+                self.drain_timeout_ms
+                    .or(file.drain_timeout_ms)
+                    .unwrap_or(3_000),
             ),
         })
     }

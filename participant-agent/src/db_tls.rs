@@ -179,6 +179,18 @@ impl DbConnect {
         })
     }
 
+    /// Asks the server to cancel whatever the connection of `token` is running (a request
+    /// on a connection of its own, as `pg_cancel_backend` would).
+    pub async fn cancel(
+        &self,
+        token: &tokio_postgres::CancelToken,
+    ) -> Result<(), tokio_postgres::Error> {
+        match self {
+            DbConnect::Plain => token.cancel_query(tokio_postgres::NoTls).await,
+            DbConnect::Tls(tls) => token.cancel_query(tls.clone()).await,
+        }
+    }
+
     /// The connection pool's manager.
     pub fn manager(
         &self,

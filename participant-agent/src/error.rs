@@ -31,6 +31,13 @@ pub enum AgentError {
     /// branches): the caller may try again later.
     #[error("agent busy: {0}")]
     Busy(String),
+    /// The agent was told to stop: it takes no new branches, and a statement for a branch
+    /// it has dooms that branch (it is about to be rolled back).
+    #[error(
+        "this agent is shutting down: the statement did not run, and transaction {txn} cannot \
+         commit on this participant; abort it and try again once the agent is back"
+    )]
+    ShuttingDown { txn: TxnId },
     /// The statement ran, and its result is over the limit: the branch can only abort, since
     /// running the statement again in it would apply its changes twice.
     #[error(
@@ -122,6 +129,7 @@ impl From<AgentError> for Status {
             | AgentError::NotPrepared { .. } => Status::failed_precondition(msg),
             AgentError::Conflict { .. } => Status::internal(msg),
             AgentError::Busy(_) => Status::resource_exhausted(msg),
+            AgentError::ShuttingDown { .. } => Status::unavailable(msg),
             AgentError::ResultTooLarge { .. } | AgentError::LeftTransaction { .. } => {
                 Status::invalid_argument(msg)
             }
@@ -160,5 +168,6 @@ mod tests {
         assert_eq!(code(sql("57014")), Code::DeadlineExceeded);
         assert_eq!(code(sql("55P03")), Code::Aborted);
         assert_eq!(code(sql("57P01")), Code::Unavailable);
+        assert_eq!(code(AgentError::ShuttingDown { txn }), Code::Unavailable);
     }
 }

@@ -52,6 +52,51 @@ pub enum ServeError {
     },
 }
 
+/// How long the server may take to close its connections once the branches are drained.
+const SERVER_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// What the agent does when told to stop (resolves when it has, and the server may close):
+/// it tells health checks it is not serving, takes no new branches, lets the statements and
+/// PREPAREs already running finish for at most `drain`, rolls back its open branches (their
+/// row locks go, their transactions abort), leaves its prepared branches to the next start's
+/// recovery, and ends the replicas' message streams.
+async fn stop(
+    shutdown: impl Future<Output = ()>,
+    branches: Arc<Branches>,
+    health: tonic_health::server::HealthReporter,
+    drain: Duration,
+    stop_streams: tokio::sync::watch::Sender<bool>,
+    drained: tokio::sync::oneshot::Sender<()>,
+) {
+    shutdown.await;
+    let started = std::time::Instant::now();
+    health.set_not_serving::<AgentServer<AgentService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tracing::info!(
+        open = branches.open_count(),
+        "stopping: taking no new branches; draining for at most {drain:?}"
+    );
+    let stopped = branches.shut_down(drain).await;
+    tracing::info!(
+        rolled_back = stopped.rolled_back,
+        prepared = stopped.prepared,
+        cancelled = stopped.cancelled,
+        busy = stopped.busy,
+        took_ms = started.elapsed().as_millis() as u64,
+        "stopped the branches: rolled back {} open ({} of them after cancelling a statement \
+         that outlived the drain), left prepared {} (the next start resolves them), {} still \
+         busy (closed with the process)",
+        stopped.rolled_back,
+        stopped.cancelled,
+        stopped.prepared,
+        stopped.busy
+    );
+    let _ = stop_streams.send(true);
+    let _ = drained.send(());
+}
+
 pub async fn serve(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -86,7 +131,7 @@ pub async fn serve(
     let (branch_timeout, in_doubt_after) = (cfg.branch_timeout, cfg.in_doubt_after);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
+        while !sweeper.is_stopping() {
             tick.tick().await;
             sweeper.sweep(branch_timeout, in_doubt_after).await;
         }
@@ -95,6 +140,16 @@ pub async fn serve(
     health_reporter
         .set_serving::<AgentServer<AgentService>>()
         .await;
+    let (stop_streams, stopped) = tokio::sync::watch::channel(false);
+    let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
+    let stopping = stop(
+        shutdown,
+        branches.clone(),
+        health_reporter,
+        cfg.drain_timeout,
+        stop_streams,
+        drained_tx,
+    );
     cfg.security.warn_if_insecure("this agent");
     tracing::info!(
         %addr,
@@ -111,6 +166,7 @@ pub async fn serve(
     let service = AgentService {
         branches,
         gate: Gate::new(&cfg.security, cfg.max_concurrent_calls),
+        stopped,
     };
     let serving = server
         .layer(paxos_commit_proto::limits::layer())
@@ -119,9 +175,23 @@ pub async fn serve(
             AgentServer::new(service)
                 .max_decoding_message_size(paxos_commit_proto::limits::MAX_MESSAGE_BYTES),
         )
-        .serve_with_shutdown(addr, shutdown);
+        .serve_with_shutdown(addr, stopping);
+    // Connections that outlive the drain (a call still waiting, a health watch) must not keep
+    // a stopped agent alive: past the grace they are closed with the process.
+    let overdue = async {
+        if drained.await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(SERVER_STOP_GRACE).await;
+    };
     tokio::select! {
         served = serving => served.map_err(|source| ServeError::Serve { addr, source }),
+        () = overdue => {
+            tracing::warn!(
+                "connections still open {SERVER_STOP_GRACE:?} after the drain; closing them"
+            );
+            Ok(())
+        }
         // Another agent took this database's lock (ours was lost with its connection): two
         // agents must never serve one participant, so this one stops.
         fenced = lock.hold() => Err(fenced),

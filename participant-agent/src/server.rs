@@ -19,6 +19,10 @@ use tonic::{Code, Request, Response, Status};
 pub struct AgentService {
     pub branches: Arc<Branches>,
     pub gate: Gate,
+    /// Becomes true once the agent has drained and is stopping: the replicas' message
+    /// streams end then, or the server would wait for them for ever (they never end on
+    /// their own).
+    pub stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Runs a branch operation to completion on its own task. tonic drops a handler's future when
@@ -106,7 +110,14 @@ impl pb::agent_server::Agent for AgentService {
             .gate
             .allow(&req, "Agent.DeliverStream", &[Kind::Replica])?;
         let mut stream = req.into_inner();
-        while let Some(batch) = stream.message().await? {
+        let mut stopped = self.stopped.clone();
+        loop {
+            let batch = tokio::select! {
+                batch = stream.message() => batch?,
+                // The sender opens a new stream, to this agent's successor.
+                _ = stopped.wait_for(|s| *s) => None,
+            };
+            let Some(batch) = batch else { break };
             for m in &batch.messages {
                 match delivered_from_pb(m) {
                     Ok(d) => self.delivered(&caller, d),
