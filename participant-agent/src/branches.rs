@@ -664,6 +664,12 @@ impl Branches {
                         }),
                     );
                     Vote::Prepared
+                } else if self.has_commit_proof(txn).await? {
+                    // Prepared, voted Prepared and committed here before: this Prepare is
+                    // late or repeated (a replica's retry, a stream replayed after a
+                    // restart). Aborted now would contradict the vote on record at ballot 0.
+                    tracing::debug!(%txn, "Prepare for a branch that committed here; no vote");
+                    return Ok(());
                 } else {
                     Vote::Aborted
                 };
