@@ -97,7 +97,12 @@ pub fn lazy_channel(
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A peer that vanished without closing its connection (host gone, a partition) must
+        // not leave a long-lived stream hanging until TCP gives up, minutes later.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     if let Some(tls) = security.tls() {
         let host = endpoint.uri().host().unwrap_or_default().to_string();
         endpoint = endpoint

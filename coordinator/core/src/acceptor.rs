@@ -107,6 +107,12 @@ impl AcceptorTxn {
                 promised: self.promised,
             };
         }
+        if matches!(self.accepted.get(participant), Some((b, v)) if *b == ballot && *v != vote) {
+            // One ballot carries one value. Ballot 0 belongs to the participant alone, and a
+            // participant that (after a restart, or a bug) votes again differently must not
+            // change what this acceptor reported: the first value may already be chosen.
+            return Reply::Ignore;
+        }
         self.promised = ballot;
         let fresh = self.accepted.get(participant) != Some(&(ballot, vote));
         let record = fresh.then(|| {
@@ -241,6 +247,29 @@ mod tests {
             Reply::Reject { promised: 4 }
         );
         assert!(acc.accepted.is_empty());
+    }
+
+    #[test]
+    fn a_second_value_in_the_same_ballot_is_ignored() {
+        let t = TxnId(1);
+        let mut acc = AcceptorTxn::default();
+        assert!(matches!(
+            acc.on_phase2a(t, "a", 0, Vote::Prepared, &r()),
+            Reply::Accept {
+                record: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(
+            acc.on_phase2a(t, "a", 0, Vote::Aborted, &r()),
+            Reply::Ignore
+        );
+        assert_eq!(acc.accepted.get("a"), Some(&(0, Vote::Prepared)));
+        // A higher ballot may carry another value, as Paxos allows.
+        assert!(matches!(
+            acc.on_phase2a(t, "a", 3, Vote::Aborted, &r()),
+            Reply::Accept { .. }
+        ));
     }
 
     #[test]
