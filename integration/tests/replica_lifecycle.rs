@@ -179,13 +179,16 @@ async fn sigterm_stops_a_replica_under_load_and_it_stops_being_an_acceptor() -> 
 
     // Back, it serves again.
     c.restart_replica(1).await?;
-    let txn = begin_on(&c, 1).await?;
+    commits_on(&c, 1).await
+}
+
+/// A transaction led by `replica` (touching A) commits.
+async fn commits_on(c: &Cluster, replica: usize) -> Result<()> {
+    let txn = begin_on(c, replica).await?;
     txn.execute(A, "UPDATE accounts SET balance = balance WHERE id = 1", &[])
         .await?;
-    assert_eq!(
-        txn.commit().await?.outcome,
-        paxos_commit_core::Outcome::Committed
-    );
+    let d = txn.commit().await?;
+    assert_eq!(d.outcome, paxos_commit_core::Outcome::Committed, "{d:?}");
     Ok(())
 }
 
@@ -328,13 +331,7 @@ async fn a_damaged_acceptor_log_is_refused_and_rejoin_brings_the_replica_back() 
     // With the rejoined replica alone beside one other, its own new transactions still
     // commit: it is a full acceptor for them.
     c.replicas[1].stop()?;
-    let txn = begin_on(&c, 2).await?;
-    txn.execute(A, "UPDATE accounts SET balance = balance WHERE id = 5", &[])
-        .await?;
-    assert_eq!(
-        txn.commit().await?.outcome,
-        paxos_commit_core::Outcome::Committed
-    );
+    commits_on(&c, 2).await?;
     c.restart_replica(1).await?;
 
     // A second --rejoin on an intact log is refused: a flag left in a unit file must not
@@ -471,14 +468,7 @@ async fn a_stalled_log_device_takes_the_replica_out_of_service() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let txn = begin_on(&c, 0).await?;
-    txn.execute(A, "UPDATE accounts SET balance = balance WHERE id = 1", &[])
-        .await?;
-    assert_eq!(
-        txn.commit().await?.outcome,
-        paxos_commit_core::Outcome::Committed
-    );
-    Ok(())
+    commits_on(&c, 0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

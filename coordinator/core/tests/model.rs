@@ -1044,20 +1044,12 @@ fn a_replica_that_rejoins_after_losing_its_log_keeps_every_property() {
 /// The same loss without the rejoin fence is caught: the fence is what makes it safe.
 #[test]
 fn losing_the_log_without_rejoining_is_caught() {
-    let cfg = Cfg {
-        bug: Bug::LoseLog,
-        ..rejoin_bounds()
-    };
-    let checker = model(cfg)
-        .checker()
-        .threads(threads())
-        .finish_when(HasDiscoveries::AnyFailures)
-        .spawn_bfs()
-        .join();
-    let found = safety_violations(&checker);
-    println!(
-        "lost log: {found:?} after {} unique states",
-        checker.unique_state_count()
+    let found = first_violations(
+        "lost log",
+        Cfg {
+            bug: Bug::LoseLog,
+            ..rejoin_bounds()
+        },
     );
     assert!(
         !found.is_empty(),
@@ -1076,6 +1068,12 @@ fn forgetting_promises_is_caught() {
         bug: Bug::ForgetPromises,
         ..ci_bounds()
     };
+    let found = first_violations("forgetful acceptor", cfg);
+    assert!(!found.is_empty(), "the checker missed a forgetful acceptor");
+}
+
+/// Explores `cfg` until the first failure; prints what failed and the path to it.
+fn first_violations(what: &str, cfg: Cfg) -> Vec<&'static str> {
     let start = Instant::now();
     let checker = model(cfg)
         .checker()
@@ -1085,15 +1083,16 @@ fn forgetting_promises_is_caught() {
         .join();
     let found = safety_violations(&checker);
     println!(
-        "forgetful acceptor: {found:?} after {} unique states in {:.1?}",
+        "{what}: {found:?} after {} unique states in {:.1?}",
         checker.unique_state_count(),
         start.elapsed()
     );
-    assert!(!found.is_empty(), "the checker missed a forgetful acceptor");
-    let path = checker.discovery(found[0]).expect("a path");
-    for action in path.into_actions() {
-        println!("  {action:?}");
+    if let Some(path) = found.first().and_then(|f| checker.discovery(f)) {
+        for action in path.into_actions() {
+            println!("  {action:?}");
+        }
     }
+    found
 }
 
 /// The safety properties a run found violated.
