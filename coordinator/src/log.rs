@@ -487,19 +487,33 @@ fn read_batch<R: DeserializeOwned>(bytes: &[u8], pos: usize) -> Result<(Vec<R>, 
 
 /// Replays a log in the batch format (`bytes` includes the file header).
 fn replay_v2<R: DeserializeOwned>(bytes: &[u8]) -> Replayed<R> {
+    replay_frames(
+        bytes,
+        FILE_MAGIC.len(),
+        |pos| read_batch(bytes, pos),
+        // Only the last batch can be torn: any valid batch after a bad one means damage.
+        |q| bytes[q..].starts_with(BATCH_MAGIC) && read_batch::<R>(bytes, q).is_ok(),
+    )
+}
+
+/// Reads frames from `start` with `read` until the end or the first bad one; then whether
+/// any offset after it holds a valid frame (`valid_at`) tells a torn tail from damage.
+fn replay_frames<R>(
+    bytes: &[u8],
+    start: usize,
+    read: impl Fn(usize) -> Result<(Vec<R>, usize), BadFrame>,
+    valid_at: impl Fn(usize) -> bool,
+) -> Replayed<R> {
     let mut records = Vec::new();
-    let mut pos = FILE_MAGIC.len();
+    let mut pos = start;
     while pos < bytes.len() {
-        match read_batch::<R>(bytes, pos) {
-            Ok((batch, next)) => {
-                records.extend(batch);
+        match read(pos) {
+            Ok((frame, next)) => {
+                records.extend(frame);
                 pos = next;
             }
             Err(e) => {
-                // Only the last batch can be torn: look for any valid batch after this one.
-                let valid_after = (pos + 1..bytes.len().saturating_sub(BATCH_HEADER - 1))
-                    .filter(|&q| bytes[q..].starts_with(BATCH_MAGIC))
-                    .find(|&q| read_batch::<R>(bytes, q).is_ok());
+                let valid_after = (pos + 1..bytes.len()).find(|&q| valid_at(q));
                 return Replayed {
                     records,
                     stop: Some(stop_at(pos, e, valid_after)),
@@ -550,29 +564,12 @@ fn read_v1<R: DeserializeOwned>(bytes: &[u8], pos: usize) -> Result<(R, usize), 
 
 /// Replays a log of the earlier format, one checksum per record.
 fn replay_v1<R: DeserializeOwned>(bytes: &[u8]) -> Replayed<R> {
-    let mut records = Vec::new();
-    let mut pos = 0;
-    while pos < bytes.len() {
-        match read_v1::<R>(bytes, pos) {
-            Ok((record, next)) => {
-                records.push(record);
-                pos = next;
-            }
-            Err(e) => {
-                let valid_after = (pos + 1..bytes.len()).find(|&q| {
-                    read_v1::<R>(bytes, q).is_ok_and(|(_, next)| next > q + V1_HEADER + 1)
-                });
-                return Replayed {
-                    records,
-                    stop: Some(stop_at(pos, e, valid_after)),
-                };
-            }
-        }
-    }
-    Replayed {
-        records,
-        stop: None,
-    }
+    replay_frames(
+        bytes,
+        0,
+        |pos| read_v1::<R>(bytes, pos).map(|(record, next)| (vec![record], next)),
+        |q| read_v1::<R>(bytes, q).is_ok_and(|(_, next)| next > q + V1_HEADER + 1),
+    )
 }
 
 fn write_tmp(tmp: &Path, buf: &[u8]) -> Result<File, LogError> {
