@@ -36,6 +36,18 @@ async fn transfer_commits_on_both_databases() -> Result<()> {
     assert_eq!(status.state, pb::TxnState::Committed as i32);
     assert_eq!(status.participants.len(), 2);
     assert!(status.participants.iter().all(|p| p.applied));
+
+    // A transaction with no statement commits at once: nothing to prepare, nothing to apply.
+    let empty = c.client.begin().await?;
+    let started = std::time::Instant::now();
+    let d = empty.commit().await?;
+    assert_eq!(d.outcome, Outcome::Committed);
+    assert!(d.all_applied && d.not_applied.is_empty(), "{d:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "an empty commit took {:?}",
+        started.elapsed()
+    );
     c.wait_no_prepared(Duration::from_secs(5)).await
 }
 

@@ -341,8 +341,11 @@ impl Replica {
         }
         coord.phase = Phase::Voting;
         if coord.participants.is_empty() {
-            // Nothing to prepare: a transaction that touched no database commits trivially.
+            // Nothing to prepare: a transaction that touched no database commits trivially,
+            // and nothing is left to apply, so it is finished too: a Commit waiting for the
+            // participants' confirmations must not wait for ones that never come.
             self.decide(now, txn, Outcome::Committed, String::new());
+            self.check_finished(now, txn);
             self.deliver_loopback(now);
             return Ok(Some(Outcome::Committed));
         }

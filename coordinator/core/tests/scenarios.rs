@@ -1240,3 +1240,22 @@ fn a_rejoined_replica_answers_only_for_transactions_it_began_after() {
         .iter()
         .any(|o| matches!(o, Output::Persist(Record::Accept { txn, .. }) if *txn == t)));
 }
+
+/// A transaction that touched no database commits at once and is finished at once: nothing
+/// is left for a Commit that waits for the participants to apply it.
+#[test]
+fn an_empty_transaction_commits_and_finishes_at_once() {
+    let mut r = Replica::new(Config::new(0, 3), 1);
+    let t = r.begin(0, 9);
+    assert_eq!(r.commit(0, t), Ok(Some(Outcome::Committed)));
+    let status = r.status(t);
+    assert_eq!(status.decided, Some(Outcome::Committed));
+    assert!(status.finished, "{status:?}");
+    let out = r.drain();
+    assert!(
+        out.iter().any(
+            |o| matches!(o, Output::Finished { txn, outcome: Outcome::Committed } if *txn == t)
+        ),
+        "{out:?}"
+    );
+}
