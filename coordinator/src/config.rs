@@ -46,6 +46,7 @@ pub struct FileConfig {
     pub max_concurrent_calls: Option<usize>,
     pub drain_timeout_ms: Option<u64>,
     pub fsync_stall_ms: Option<u64>,
+    pub outcome_retention_days: Option<u64>,
     /// Agents, for txctl: participant id → address.
     #[serde(default)]
     pub agents: std::collections::BTreeMap<String, String>,
@@ -121,6 +122,10 @@ pub struct ConfigArgs {
     /// replica degraded (NOT_SERVING; Begin refused) until it returns.
     #[arg(long, env = "PAXOS_COMMIT_FSYNC_STALL_MS")]
     pub fsync_stall_ms: Option<u64>,
+    /// How many days GetStatus still answers a transaction's outcome after its full state
+    /// was compacted away (9 bytes per transaction on disk).
+    #[arg(long, env = "PAXOS_COMMIT_OUTCOME_RETENTION_DAYS")]
+    pub outcome_retention_days: Option<u64>,
 }
 
 /// The resolved configuration of a replica.
@@ -144,6 +149,7 @@ pub struct ReplicaConfig {
     pub rejoin: bool,
     pub drain_timeout: Duration,
     pub fsync_stall: Duration,
+    pub outcome_retention: Duration,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -236,6 +242,14 @@ impl ConfigArgs {
             rejoin: self.rejoin,
             drain_timeout: ms(self.drain_timeout_ms, file.drain_timeout_ms, 5_000),
             fsync_stall: ms(self.fsync_stall_ms, file.fsync_stall_ms, 2_000),
+            outcome_retention: Duration::from_secs(
+                24 * 3600
+                    * self
+                        .outcome_retention_days
+                        .or(file.outcome_retention_days)
+                        .unwrap_or(7)
+                        .max(1),
+            ),
         })
     }
 }

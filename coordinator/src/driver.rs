@@ -20,6 +20,7 @@
 
 use crate::lifecycle::Lifecycle;
 use crate::log::{DurableLog, LogError};
+use crate::outcomes::{Archive, Index};
 use crate::peers::Peers;
 use paxos_commit_core::{
     LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats, TxnError,
@@ -145,7 +146,14 @@ pub struct Counters {
 
 /// A batch on its way to disk: the log is lent to a blocking task and comes back with the
 /// result.
-type InFlight = tokio::task::JoinHandle<(DurableLog<Record>, Result<Written, LogError>)>;
+type InFlight = tokio::task::JoinHandle<(Storage, Result<Written, LogError>)>;
+
+/// What the blocking task owns while it writes: the acceptor log, and the archive of
+/// decided outcomes (see [`crate::outcomes`]) that rides along with it.
+pub struct Storage {
+    pub log: DurableLog<Record>,
+    pub archive: Archive,
+}
 
 /// Something that may only happen once the records produced before it are durable.
 enum Held {
@@ -160,6 +168,8 @@ struct Written {
     records: usize,
     accepts: bool,
     compacted_from: Option<u64>,
+    /// The archive moved to a new day: the index drops what is past its retention.
+    new_day: bool,
 }
 
 pub struct Driver {
@@ -169,7 +179,10 @@ pub struct Driver {
     open: HashSet<TxnId>,
     max_open: usize,
     /// `None` while a batch is being written.
-    log: Option<DurableLog<Record>>,
+    log: Option<Storage>,
+    /// Outcomes archived for days (see [`crate::outcomes`]), for GetStatus once the core
+    /// has forgotten a transaction.
+    outcomes: Index,
     log_path: std::path::PathBuf,
     log_bytes: u64,
     /// The batch being written, and the outputs that wait for it.
@@ -236,7 +249,7 @@ struct VoteTally {
 impl Driver {
     pub fn new(
         core: Replica,
-        log: DurableLog<Record>,
+        (log, outcomes): (Storage, Index),
         peers: Peers,
         rx: mpsc::UnboundedReceiver<Command>,
         max_open: usize,
@@ -247,8 +260,9 @@ impl Driver {
             open: HashSet::new(),
             max_open,
             core,
-            log_bytes: log.size_bytes(),
-            log_path: log.path().to_path_buf(),
+            log_bytes: log.log.size_bytes(),
+            log_path: log.log.path().to_path_buf(),
+            outcomes,
             log: Some(log),
             in_flight: None,
             held: Vec::new(),
@@ -469,10 +483,18 @@ impl Driver {
                 self.core.on_applied(now, txn, &participant);
             }
             Command::Status { txn, reply } => {
-                let answer = (
-                    self.core.status(txn),
-                    self.core.reason(txn).map(str::to_string),
-                );
+                let mut status = self.core.status(txn);
+                if status.decided.is_none() && !status.open {
+                    // Forgotten by the core after the retention window: the archive still
+                    // knows the outcome.
+                    if let Some(outcome) = self.outcomes.get(txn) {
+                        status.known = true;
+                        status.expired = false;
+                        status.decided = Some(outcome);
+                        status.finished = true;
+                    }
+                }
+                let answer = (status, self.core.reason(txn).map(str::to_string));
                 self.reply_after_sync(move || {
                     let _ = reply.send(answer);
                 });
@@ -575,7 +597,11 @@ impl Driver {
             self.release(outputs);
             return;
         }
-        let Some(mut log) = self.log.take() else {
+        let Some(Storage {
+            mut log,
+            mut archive,
+        }) = self.log.take()
+        else {
             return;
         };
         // Every tally with acceptances in this batch is done waiting.
@@ -584,6 +610,26 @@ impl Driver {
             t.seen < t.expected && t.first.elapsed() < VOTE_TALLY_KEEP
         });
         let records = std::mem::take(&mut self.next_records);
+        // Archived: every finished outcome, and every abort as soon as it is decided (an
+        // abort of an open transaction never reaches the acceptors, so it never "finishes"
+        // there; aborts are few, and a second entry for one costs 9 bytes).
+        let finished: Vec<(TxnId, Outcome)> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Finished { txn, outcome } => Some((*txn, *outcome)),
+                Record::Decided {
+                    txn,
+                    outcome,
+                    participants,
+                } if *outcome == Outcome::Aborted || participants.is_empty() => {
+                    Some((*txn, *outcome))
+                }
+                _ => None,
+            })
+            .collect();
+        for (txn, outcome) in &finished {
+            self.outcomes.insert(*txn, *outcome);
+        }
         self.next_sync = false;
         self.held = std::mem::take(&mut self.next_outputs);
         let compact = log.records_since_rewrite() > COMPACT_AFTER.max(2 * self.live_at_rewrite);
@@ -600,24 +646,38 @@ impl Driver {
                         records: live.len(),
                         accepts,
                         compacted_from: Some(before),
+                        new_day: false,
                     })
                 }
                 None => log.append_batch(&records).map(|()| Written {
                     records: records.len(),
                     accepts,
                     compacted_from: None,
+                    new_day: false,
                 }),
             };
-            (log, result)
+            // The archive is a hint (the log holds the same outcomes for the retention
+            // window): its failure is reported, never fatal.
+            let result = result.map(|mut w| {
+                match archive.append(&finished).and_then(|rolled| {
+                    archive.sync_now_and_then()?;
+                    Ok(rolled)
+                }) {
+                    Ok(rolled) => w.new_day = rolled,
+                    Err(e) => tracing::warn!("archiving decided outcomes: {e}"),
+                }
+                w
+            });
+            (Storage { log, archive }, result)
         }));
     }
 
     fn written(
         &mut self,
-        done: Result<(DurableLog<Record>, Result<Written, LogError>), tokio::task::JoinError>,
+        done: Result<(Storage, Result<Written, LogError>), tokio::task::JoinError>,
     ) {
-        let (log, written) = match done {
-            Ok((log, Ok(w))) => (log, w),
+        let (storage, written) = match done {
+            Ok((storage, Ok(w))) => (storage, w),
             Ok((_, Err(e))) => {
                 tracing::error!("acceptor log failed, stopping this replica: {e}");
                 std::process::exit(70);
@@ -644,13 +704,16 @@ impl Driver {
             self.live_at_rewrite = written.records as u64;
             tracing::info!(
                 before,
-                after = log.size_bytes(),
+                after = storage.log.size_bytes(),
                 records = written.records,
                 "compacted the acceptor log"
             );
         }
-        self.log_bytes = log.size_bytes();
-        self.log = Some(log);
+        if written.new_day {
+            self.outcomes.prune();
+        }
+        self.log_bytes = storage.log.size_bytes();
+        self.log = Some(storage);
         self.counters.fsyncs += 1;
         self.counters.records += written.records as u64;
         self.counters.batches += 1;

@@ -19,15 +19,17 @@ pub mod error;
 pub mod lifecycle;
 pub mod log;
 pub mod ops;
+pub mod outcomes;
 pub mod peers;
 pub mod server;
 
 use crate::config::ReplicaConfig;
 use crate::dirlock::{DirLock, DirLockError};
-use crate::driver::{Command, Driver};
+use crate::driver::{Command, Driver, Storage};
 use crate::error::CoordinatorError;
 use crate::lifecycle::Lifecycle;
 use crate::log::{DurableLog, LogError};
+use crate::outcomes::Archive;
 use crate::peers::Peers;
 use crate::server::Handle;
 use paxos_commit_core::{Record, Replica};
@@ -58,12 +60,19 @@ pub async fn serve(
         e => CoordinatorError::InvalidArgument(e.to_string()),
     })?;
     let (log, records) = open_log(&cfg).await?;
+    let (archive, outcomes) = {
+        let (dir, keep) = (cfg.data_dir.clone(), cfg.outcome_retention);
+        tokio::task::spawn_blocking(move || Archive::open(&dir, keep))
+            .await
+            .map_err(|e| CoordinatorError::InvalidArgument(format!("archive open task: {e}")))??
+    };
     let core = Replica::recover(cfg.core(), rand::random(), &records, 0);
     let stats = core.stats();
     tracing::info!(
         replica = cfg.id,
         replicas = cfg.replicas.len(),
         records = records.len(),
+        archived_outcomes = outcomes.len(),
         undecided = stats.undecided,
         rejoined = stats.rejoined,
         "recovered the acceptor log"
@@ -90,7 +99,7 @@ pub async fn serve(
     tokio::spawn(
         Driver::new(
             core,
-            log,
+            (Storage { log, archive }, outcomes),
             peers,
             rx,
             cfg.max_open_transactions,

@@ -94,7 +94,10 @@ pub enum LogError {
     },
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> LogError + 'a {
     move |source| LogError::Io {
         op,
         path: path.to_path_buf(),

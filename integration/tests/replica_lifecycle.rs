@@ -582,3 +582,54 @@ async fn a_rolling_restart_under_load_loses_nothing() -> Result<()> {
     assert!(committed > 50, "too few commits: {committed}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outcomes_are_remembered_past_the_retention_window_and_across_restarts() -> Result<()> {
+    let c = cluster("outcomes-archived", |mut s| {
+        for i in 0..3 {
+            s.replica_env
+                .entry(i)
+                .or_default()
+                .push(("PAXOS_COMMIT_RETENTION_MS".into(), "1000".into()));
+        }
+        s
+    })
+    .await?;
+    let (committed, outcome) = bank::transfer(&c.client, (A, 1), (B, 2), 7).await?;
+    assert_eq!(outcome, TransferOutcome::Committed);
+    let txn = begin_on(&c, 1).await?;
+    txn.execute(
+        A,
+        "UPDATE accounts SET balance = balance - 1 WHERE id = 3",
+        &[],
+    )
+    .await?;
+    txn.abort().await?;
+    let aborted = txn.id().to_string();
+    let expect = |txid: &str, state: pb::TxnState, s: &pb::StatusResponse| {
+        assert_eq!(pb::TxnState::try_from(s.state), Ok(state), "{txid}: {s:?}");
+    };
+    // Well past the retention window: the replicas' full state for both is gone.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    expect(
+        &committed,
+        pb::TxnState::Committed,
+        &c.status(&committed).await?,
+    );
+    expect(&aborted, pb::TxnState::Aborted, &c.status(&aborted).await?);
+    for i in 0..3 {
+        c.replicas[i].kill9()?;
+        c.restart_replica(i).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    expect(
+        &committed,
+        pb::TxnState::Committed,
+        &c.status(&committed).await?,
+    );
+    expect(&aborted, pb::TxnState::Aborted, &c.status(&aborted).await?);
+    // A transaction nobody ever began is still unknown.
+    let never = c.status("0000000000000042").await?;
+    expect("never", pb::TxnState::Unknown, &never);
+    Ok(())
+}
