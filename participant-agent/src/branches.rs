@@ -148,8 +148,39 @@ impl State {
     }
 }
 
+/// What a numbered statement's caller was told (see `ExecuteRequest.seq`).
+enum Answer {
+    Ok(pb::ExecuteResponse),
+    Err {
+        code: tonic::Code,
+        message: String,
+    },
+    /// Dropped once the branch is prepared, where no statement runs any more: a prepared
+    /// branch does not hold an open-branch slot, so its rows would not be bounded by
+    /// `max_open_branches`. A late repeat is told that the branch is closed.
+    Forgotten,
+}
+
+/// The last numbered statement run on a branch. Read and written with the branch's `state`
+/// locked, so that a repeat waiting for the first sees its answer.
+struct Last {
+    seq: u64,
+    /// Of the statement's text and parameters: a repeat must be the same statement.
+    digest: u64,
+    answer: Answer,
+}
+
+#[derive(Default)]
+struct Memo {
+    last: Option<Last>,
+    /// The first Execute failed before anything took effect, and removed the branch: a
+    /// request that waited for it starts over (a retry of statement 1 then runs).
+    vanished: bool,
+}
+
 struct Branch {
     state: tokio::sync::Mutex<State>,
+    memo: Mutex<Memo>,
     touched: Mutex<Instant>,
     resolving: AtomicBool,
     /// While a client's statement runs (with `state` locked): how to cancel it, should it
@@ -161,6 +192,7 @@ impl Branch {
     fn new(state: State) -> Arc<Branch> {
         Arc::new(Branch {
             state: tokio::sync::Mutex::new(state),
+            memo: Mutex::new(Memo::default()),
             touched: Mutex::new(Instant::now()),
             resolving: AtomicBool::new(false),
             running: Mutex::new(None),
@@ -170,6 +202,11 @@ impl Branch {
     fn running(&self) -> std::sync::MutexGuard<'_, Option<tokio_postgres::CancelToken>> {
         // A panic while holding this lock leaves the token itself consistent.
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, Memo> {
+        // A panic while holding this lock leaves the memo itself consistent.
+        self.memo.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn touch(&self) {
@@ -438,42 +475,155 @@ impl Branches {
         guard::check(sql).map_err(|e| AgentError::BadRequest(e.to_string()))
     }
 
+    /// Removes a branch whose first Execute failed before anything took effect (the slot goes
+    /// with its state; the branch never existed for anyone), and sends a request that waited
+    /// for it to start over. Called with the branch's `state` locked.
+    fn vanish(&self, txn: TxnId, branch: &Arc<Branch>) {
+        branch.memo().vanished = true;
+        let mut map = self.map();
+        if map.get(&txn).is_some_and(|b| Arc::ptr_eq(b, branch)) {
+            map.remove(&txn);
+        }
+    }
+
+    fn out_of_order(&self, txn: TxnId, seq: u64, last: Option<u64>) -> AgentError {
+        AgentError::OutOfOrder {
+            txn,
+            participant: self.participant().to_string(),
+            seq,
+            last,
+        }
+    }
+
     /// Runs one statement in `txn`'s branch, opening the branch (and enlisting with the
-    /// leader) on the first one.
+    /// leader) on the first one. `seq` numbers the statement (`ExecuteRequest.seq`): the
+    /// last one run is answered again from memory, only the next one runs; 0 runs without
+    /// a number.
     pub async fn execute(
         &self,
         txn: TxnId,
+        seq: u64,
         sql: &str,
         params: &[pb::Value],
     ) -> Result<pb::ExecuteResponse, AgentError> {
         let refused = self.check_request(sql, params).err();
-        let branch = self.branch_for(txn)?;
-        let mut state = branch.state.lock().await;
-        branch.touch();
+        let digest = digest(sql, params);
+        loop {
+            let branch = match self.get(txn) {
+                Some(b) => b,
+                // Only statement 1 opens a branch: a later one with none here follows a
+                // first statement that never arrived, or failed and left nothing.
+                None if seq > 1 => return Err(self.out_of_order(txn, seq, None)),
+                None => self.branch_for(txn)?,
+            };
+            let mut state = branch.state.lock().await;
+            if branch.memo().vanished {
+                continue;
+            }
+            branch.touch();
+            if seq == 0 {
+                return self
+                    .run(txn, &branch, &mut state, refused, sql, params)
+                    .await;
+            }
+            let last = branch.memo().last.as_ref().map(|l| l.seq);
+            if last == Some(seq) {
+                // A retry, or a duplicate that waited above for the first copy to finish.
+                let memo = branch.memo();
+                if let Some(l) = &memo.last {
+                    if l.digest != digest {
+                        return Err(AgentError::NotARepeat {
+                            txn,
+                            participant: self.participant().to_string(),
+                            seq,
+                        });
+                    }
+                    return match &l.answer {
+                        Answer::Ok(resp) => Ok(resp.clone()),
+                        Answer::Err { code, message } => Err(AgentError::Answered {
+                            code: *code,
+                            message: message.clone(),
+                        }),
+                        Answer::Forgotten => Err(AgentError::Closed {
+                            txn,
+                            state: state.name(),
+                        }),
+                    };
+                }
+            }
+            let next = last.unwrap_or(0) + 1;
+            if seq != next {
+                let e = self.out_of_order(txn, seq, last);
+                if seq > next {
+                    // A statement sent before this one never ran here: the transaction must
+                    // not commit without it. (One older than the last is a stale duplicate,
+                    // and changes nothing.)
+                    return Err(self.refuse(txn, &branch, &mut state, e).await);
+                }
+                return Err(e);
+            }
+            let result = self
+                .run(txn, &branch, &mut state, refused, sql, params)
+                .await;
+            let mut memo = branch.memo();
+            if memo.vanished {
+                // Nothing took effect: a retry of this statement runs.
+                return result;
+            }
+            // Only the last answer is kept: its size is bounded by max_result_bytes, and the
+            // branches holding one by max_open_branches.
+            let (answer, result) = match result {
+                Ok(resp) => (Answer::Ok(resp.clone()), Ok(resp)),
+                Err(e) => {
+                    let status = tonic::Status::from(e);
+                    let (code, message) = (status.code(), status.message().to_string());
+                    let answer = Answer::Err {
+                        code,
+                        message: message.clone(),
+                    };
+                    (answer, Err(AgentError::Answered { code, message }))
+                }
+            };
+            memo.last = Some(Last {
+                seq,
+                digest,
+                answer,
+            });
+            return result;
+        }
+    }
+
+    /// Runs one statement in the branch, whose `state` the caller has locked.
+    async fn run(
+        &self,
+        txn: TxnId,
+        branch: &Arc<Branch>,
+        state: &mut State,
+        refused: Option<AgentError>,
+        sql: &str,
+        params: &[pb::Value],
+    ) -> Result<pb::ExecuteResponse, AgentError> {
         if self.is_stopping() && state.is_open() {
             if matches!(*state, State::New { .. }) {
                 // Nothing ran and nobody was told of it: the branch never existed.
-                drop(state);
-                self.remove(txn);
+                self.vanish(txn, branch);
                 return Err(AgentError::ShuttingDown { txn });
             }
             // About to be rolled back: the statement must not run, nor the branch commit
             // without it.
             return Err(self
-                .refuse(txn, &mut state, AgentError::ShuttingDown { txn })
+                .refuse(txn, branch, state, AgentError::ShuttingDown { txn })
                 .await);
         }
         if let Some(e) = refused {
-            return Err(self.refuse(txn, &mut state, e).await);
+            return Err(self.refuse(txn, branch, state, e).await);
         }
-        match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
+        match std::mem::replace(state, State::Done(Outcome::Aborted)) {
             State::New { slot } => {
-                let opened = match self.begin(&branch, txn, sql, params).await {
+                let opened = match self.begin(branch, txn, sql, params).await {
                     Ok(opened) => opened,
                     Err(e) => {
-                        // The slot goes with the state; the branch never existed for anyone.
-                        drop(state);
-                        self.remove(txn);
+                        self.vanish(txn, branch);
                         return Err(e);
                     }
                 };
@@ -492,7 +642,7 @@ impl Branches {
                     started,
                 };
                 let ran = {
-                    let _running = Running::on(&branch, &conn);
+                    let _running = Running::on(branch, &conn);
                     statement(&conn, txn, sql, params, self.settings.max_result_bytes).await
                 };
                 let opened = Opened {
@@ -536,7 +686,13 @@ impl Branches {
     /// as an error in PostgreSQL would: the client asked for something that did not happen,
     /// so the transaction must not commit without it. A branch not begun yet is enlisted
     /// (with no connection), so that the leader counts this participant and its Aborted vote.
-    async fn refuse(&self, txn: TxnId, state: &mut State, e: AgentError) -> AgentError {
+    async fn refuse(
+        &self,
+        txn: TxnId,
+        branch: &Arc<Branch>,
+        state: &mut State,
+        e: AgentError,
+    ) -> AgentError {
         let reason = e.to_string();
         match std::mem::replace(state, State::Done(Outcome::Aborted)) {
             State::New { slot } => {
@@ -545,7 +701,7 @@ impl Branches {
                     Ok(()) => *state = State::Failed { reason },
                     Err(status) => {
                         tracing::debug!(%txn, "enlisting a refused branch: {}", status.message());
-                        self.remove(txn);
+                        self.vanish(txn, branch);
                     }
                 }
             }
@@ -678,6 +834,10 @@ impl Branches {
             }
         };
         let mut state = branch.state.lock().await;
+        // No statement runs from here on: a late repeat is told the branch is closed.
+        if let Some(last) = &mut branch.memo().last {
+            last.answer = Answer::Forgotten;
+        }
         let vote = match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
             State::New { .. } | State::Failed { .. } => Some(Vote::Aborted),
             State::Open {
@@ -1273,6 +1433,28 @@ fn open_state(
         slot,
     };
     (state, result)
+}
+
+/// Tells one statement from another, for a repeat's check (see `Last`). Not a security
+/// measure: only the client that numbers the statements can get it wrong.
+fn digest(sql: &str, params: &[pb::Value]) -> u64 {
+    use pb::value::Kind;
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sql.hash(&mut h);
+    params.len().hash(&mut h);
+    for p in params {
+        match &p.kind {
+            None => 0u8.hash(&mut h),
+            Some(Kind::Null(v)) => (1u8, v).hash(&mut h),
+            Some(Kind::Bool(v)) => (2u8, v).hash(&mut h),
+            Some(Kind::Int(v)) => (3u8, v).hash(&mut h),
+            Some(Kind::Float(v)) => (4u8, v.to_bits()).hash(&mut h),
+            Some(Kind::Text(v)) => (5u8, v).hash(&mut h),
+            Some(Kind::Bytes(v)) => (6u8, v).hash(&mut h),
+        }
+    }
+    h.finish()
 }
 
 /// A string as an SQL literal. The agent's own values (txids, gids, participant ids) are

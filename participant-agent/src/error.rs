@@ -53,6 +53,33 @@ pub enum AgentError {
          abort, and what the statement did outside it is not the coordinator's to undo"
     )]
     LeftTransaction { txn: TxnId, detail: String },
+    /// An Execute whose sequence number is neither the last one run on the branch (a repeat)
+    /// nor the next.
+    #[error(
+        "statement {seq} of transaction {txn} at {participant} is out of order: the last one \
+         run here was {}; nothing was run",
+        last.map_or_else(|| "none".to_string(), |l| l.to_string())
+    )]
+    OutOfOrder {
+        txn: TxnId,
+        participant: String,
+        seq: u64,
+        last: Option<u64>,
+    },
+    /// A repeat of the last statement's number with another statement: the client numbers
+    /// its statements wrongly, and the first answer would not be this statement's.
+    #[error(
+        "statement {seq} of transaction {txn} at {participant} was already run as a different \
+         statement; nothing was run"
+    )]
+    NotARepeat {
+        txn: TxnId,
+        participant: String,
+        seq: u64,
+    },
+    /// The answer to a numbered statement, as its first copy was told (and every repeat is).
+    #[error("{message}")]
+    Answered { code: Code, message: String },
 }
 
 impl AgentError {
@@ -124,7 +151,10 @@ impl From<AgentError> for Status {
             }
             AgentError::Database(_) => Status::unavailable(msg),
             AgentError::Enlist(s) => Status::new(s.code(), msg),
+            AgentError::Answered { code, message } => Status::new(*code, message.clone()),
             AgentError::Closed { .. }
+            | AgentError::OutOfOrder { .. }
+            | AgentError::NotARepeat { .. }
             | AgentError::BranchFailed { .. }
             | AgentError::NotPrepared { .. } => Status::failed_precondition(msg),
             AgentError::Conflict { .. } => Status::internal(msg),

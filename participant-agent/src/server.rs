@@ -96,7 +96,8 @@ impl pb::agent_server::Agent for AgentService {
         let txn = txid(&req.txid)?;
         let branches = self.branches.clone();
         let resp =
-            detached(async move { branches.execute(txn, &req.sql, &req.params).await }).await?;
+            detached(async move { branches.execute(txn, req.seq, &req.sql, &req.params).await })
+                .await?;
         Ok(Response::new(resp))
     }
 

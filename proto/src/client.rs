@@ -4,6 +4,10 @@
 //! It never guesses an outcome. When the replica it talked to is lost mid-commit it asks the
 //! others; if none can say, the error is [`ClientError::OutcomeUnknown`], to be settled later
 //! with [`Client::status`].
+//!
+//! Statements are numbered per participant (`ExecuteRequest.seq`), so one whose reply was
+//! lost is sent again and runs once; and a [`Transaction`] dropped before it was finished is
+//! aborted, so that an early `?` does not leave its row locks to the leader's open timeout.
 
 use crate::convert::outcome_from_pb;
 use crate::pb;
@@ -11,9 +15,9 @@ use crate::pb::agent_client::AgentClient;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::tls::{Security, Tls};
 use paxos_commit_core::Outcome;
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -202,11 +206,7 @@ impl Client {
                 Ok(r) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     let r = r.into_inner();
-                    return Ok(Transaction {
-                        client: self.clone(),
-                        txid: r.txid,
-                        leader: r.leader as usize,
-                    });
+                    return Ok(Transaction::new(self, r.txid, r.leader as usize, true));
                 }
                 // A replica at its limit of open transactions, stopping, degraded or too slow
                 // to answer: another may serve. (A Begin that took effect unanswered costs
@@ -245,21 +245,82 @@ impl Client {
     }
 
     /// Resumes a handle on a transaction begun elsewhere (for example after a client restart).
+    ///
+    /// Which statement numbers were used before is unknown here, so this handle's statements
+    /// go unnumbered (`seq` 0): each runs every time it arrives, and a lost reply is not
+    /// retried. Dropped unfinished, it aborts the transaction, as a begun one does.
     pub fn transaction(&self, txid: &str, leader: usize) -> Transaction {
-        Transaction {
-            client: self.clone(),
-            txid: txid.to_string(),
-            leader,
-        }
+        Transaction::new(self, txid.to_string(), leader, false)
     }
 }
 
-/// One distributed transaction.
+/// How often an Execute whose reply was lost is sent again, and the pause before the first
+/// retry (doubled for each next one).
+const EXECUTE_RETRIES: u32 = 3;
+const EXECUTE_BACKOFF: Duration = Duration::from_millis(50);
+
+/// One distributed transaction. Clones share it: the statement numbers, and whether it was
+/// finished.
+///
+/// **Dropped unfinished, it aborts.** When the last clone goes before `commit`, `commit_fast`,
+/// `prepare` or `abort` was called (an early `?`, a panic, a cancelled task), an Abort is
+/// sent on the current tokio runtime without waiting for it, so the transaction's row locks go
+/// at once rather than at the leader's open timeout. Best effort: outside a runtime, or with
+/// the leader unreachable, nothing is sent and the open timeout still ends it. Once one of
+/// those calls was made, even if it failed or was cancelled, the drop sends nothing: a commit
+/// whose outcome is unknown is the group's to settle, not the drop's.
+///
+/// **Statements are numbered** per participant (1, 2, ...; see `ExecuteRequest.seq`), and
+/// `execute` calls on one participant are sent one at a time, in order. An Execute that fails
+/// in transport (UNAVAILABLE, UNKNOWN, CANCELLED, DEADLINE_EXCEEDED: it may or may not have
+/// arrived) is sent again with the same number, up to three times: the agent runs it at most
+/// once and answers a repeat with the first answer.
 #[derive(Clone)]
 pub struct Transaction {
+    inner: Arc<TxnInner>,
+}
+
+struct TxnInner {
     client: Client,
     txid: String,
     leader: usize,
+    /// Participant → the number of the last statement sent there. Each participant's lane is
+    /// locked while its statement is in flight, so that numbers arrive in order.
+    lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
+    /// Whether statements are numbered (not on a resumed handle).
+    numbered: bool,
+    /// A Prepare, Commit or Abort was sent (or about to be): dropping then sends nothing.
+    finishing: AtomicBool,
+}
+
+impl Drop for TxnInner {
+    fn drop(&mut self) {
+        if self.finishing.load(Ordering::Acquire) {
+            return;
+        }
+        // Not awaited: a drop must not block, and may happen outside any runtime.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!(txid = %self.txid, "dropped unfinished outside a runtime; not aborted");
+            return;
+        };
+        let client = self.client.clone();
+        let txid = std::mem::take(&mut self.txid);
+        let leader = self.leader;
+        runtime.spawn(async move {
+            match finish(&client, &txid, leader, Finish::Abort).await {
+                Ok(_) => tracing::debug!(%txid, "dropped unfinished; aborted"),
+                Err(e) => tracing::debug!(%txid, "dropped unfinished; abort failed: {e}"),
+            }
+        });
+    }
+}
+
+/// Errors after which an Execute may or may not have reached the agent.
+fn may_be_lost(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
 }
 
 #[derive(Clone, Copy)]
@@ -270,32 +331,79 @@ enum Finish {
 }
 
 impl Transaction {
+    fn new(client: &Client, txid: String, leader: usize, numbered: bool) -> Transaction {
+        Transaction {
+            inner: Arc::new(TxnInner {
+                client: client.clone(),
+                txid,
+                leader,
+                lanes: Mutex::new(HashMap::new()),
+                numbered,
+                finishing: AtomicBool::new(false),
+            }),
+        }
+    }
+
     pub fn id(&self) -> &str {
-        &self.txid
+        &self.inner.txid
     }
 
     pub fn leader(&self) -> usize {
-        self.leader
+        self.inner.leader
     }
 
-    /// Runs one statement on `participant`'s database within this transaction.
+    /// Runs one statement on `participant`'s database within this transaction; sent again
+    /// if its reply is lost (see [`Transaction`]).
     pub async fn execute(
         &self,
         participant: &str,
         sql: &str,
         params: &[pb::Value],
     ) -> Result<pb::ExecuteResponse, ClientError> {
-        let mut agent = self.client.agent(participant)?;
-        let req = pb::ExecuteRequest {
-            txid: self.txid.clone(),
+        let mut agent = self.inner.client.agent(participant)?;
+        let mut req = pb::ExecuteRequest {
+            txid: self.inner.txid.clone(),
             sql: sql.to_string(),
             params: params.to_vec(),
+            seq: 0,
         };
-        agent
-            .execute(req)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(ClientError::Rpc)
+        if !self.inner.numbered {
+            return agent
+                .execute(req)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(ClientError::Rpc);
+        }
+        let lane = {
+            // A panic while holding this lock leaves the map itself consistent.
+            let mut lanes = self.inner.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            lanes.entry(participant.to_string()).or_default().clone()
+        };
+        let mut last = lane.lock().await;
+        // Taken before sending: a call cancelled midway leaves its number used, so that the
+        // next statement is not mistaken for a repeat of one that may have run.
+        *last += 1;
+        req.seq = *last;
+        let mut backoff = EXECUTE_BACKOFF;
+        let mut attempt = 0;
+        loop {
+            match agent.execute(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if may_be_lost(&s) && attempt < EXECUTE_RETRIES => {
+                    tracing::debug!(
+                        txid = %req.txid,
+                        participant,
+                        seq = req.seq,
+                        "Execute failed in transport ({}); sending it again",
+                        s.message()
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(s) => return Err(ClientError::Rpc(s)),
+            }
+        }
     }
 
     /// Runs the voting phase and returns the decision, without waiting for it to be applied.
@@ -323,58 +431,73 @@ impl Transaction {
         self.finish(Finish::Abort).await
     }
 
-    /// Asks the leader first, then the other replicas (which take the transaction over).
-    /// A request that may have reached a replica and got no answer leaves the outcome unknown.
     async fn finish(&self, what: Finish) -> Result<Decision, ClientError> {
-        let replicas = &self.client.inner.replicas;
-        let n = replicas.len();
-        let mut last = Status::unavailable("no replicas configured");
-        for k in 0..n {
-            let mut c = replicas[(self.leader + k) % n].clone();
-            let txid = self.txid.clone();
-            let result = match what {
-                Finish::Prepare => c.prepare(pb::TxnRequest { txid }).await,
-                Finish::Commit { return_on_decision } => {
-                    c.commit(pb::CommitRequest {
-                        txid,
-                        return_on_decision,
-                    })
-                    .await
-                }
-                Finish::Abort => c.abort(pb::TxnRequest { txid }).await,
-            };
-            match result {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let outcome = outcome_from_pb(r.outcome).map_err(|e| {
-                        ClientError::Rpc(Status::internal(format!("bad reply: {e}")))
-                    })?;
-                    return Ok(Decision {
-                        outcome,
-                        reason: r.reason,
-                        all_applied: r.all_applied,
-                        not_applied: r.not_applied,
-                    });
-                }
-                Err(s) if is_unreachable(&s) => last = s,
-                Err(s) if s.code() == Code::NotFound && k > 0 => last = s,
-                Err(s)
-                    if s.code() == Code::DeadlineExceeded
-                        || s.message().contains("outcome is unknown") =>
-                {
-                    return Err(ClientError::OutcomeUnknown {
-                        txid: self.txid.clone(),
-                        status: s,
-                    })
-                }
-                Err(s) => return Err(ClientError::Rpc(s)),
-            }
-        }
-        Err(ClientError::OutcomeUnknown {
-            txid: self.txid.clone(),
-            status: last,
-        })
+        self.inner.finishing.store(true, Ordering::Release);
+        finish(
+            &self.inner.client,
+            &self.inner.txid,
+            self.inner.leader,
+            what,
+        )
+        .await
     }
+}
+
+/// Asks the leader first, then the other replicas (which take the transaction over).
+/// A request that may have reached a replica and got no answer leaves the outcome unknown.
+async fn finish(
+    client: &Client,
+    txid: &str,
+    leader: usize,
+    what: Finish,
+) -> Result<Decision, ClientError> {
+    let replicas = &client.inner.replicas;
+    let n = replicas.len();
+    let mut last = Status::unavailable("no replicas configured");
+    for k in 0..n {
+        let mut c = replicas[(leader + k) % n].clone();
+        let id = txid.to_string();
+        let result = match what {
+            Finish::Prepare => c.prepare(pb::TxnRequest { txid: id }).await,
+            Finish::Commit { return_on_decision } => {
+                c.commit(pb::CommitRequest {
+                    txid: id,
+                    return_on_decision,
+                })
+                .await
+            }
+            Finish::Abort => c.abort(pb::TxnRequest { txid: id }).await,
+        };
+        match result {
+            Ok(r) => {
+                let r = r.into_inner();
+                let outcome = outcome_from_pb(r.outcome)
+                    .map_err(|e| ClientError::Rpc(Status::internal(format!("bad reply: {e}"))))?;
+                return Ok(Decision {
+                    outcome,
+                    reason: r.reason,
+                    all_applied: r.all_applied,
+                    not_applied: r.not_applied,
+                });
+            }
+            Err(s) if is_unreachable(&s) => last = s,
+            Err(s) if s.code() == Code::NotFound && k > 0 => last = s,
+            Err(s)
+                if s.code() == Code::DeadlineExceeded
+                    || s.message().contains("outcome is unknown") =>
+            {
+                return Err(ClientError::OutcomeUnknown {
+                    txid: txid.to_string(),
+                    status: s,
+                })
+            }
+            Err(s) => return Err(ClientError::Rpc(s)),
+        }
+    }
+    Err(ClientError::OutcomeUnknown {
+        txid: txid.to_string(),
+        status: last,
+    })
 }
 
 impl From<i64> for pb::Value {
