@@ -272,9 +272,10 @@ const EXECUTE_BACKOFF: Duration = Duration::from_millis(50);
 ///
 /// **Statements are numbered** per participant (1, 2, ...; see `ExecuteRequest.seq`), and
 /// `execute` calls on one participant are sent one at a time, in order. An Execute that fails
-/// in transport (UNAVAILABLE, UNKNOWN, CANCELLED, DEADLINE_EXCEEDED: it may or may not have
-/// arrived) is sent again with the same number, up to three times: the agent runs it at most
-/// once and answers a repeat with the first answer.
+/// in transport (UNAVAILABLE, UNKNOWN, CANCELLED, DEADLINE_EXCEEDED raised by the connection
+/// or the deadline, not answered by the agent: it may or may not have arrived) is sent again
+/// with the same number, up to three times: the agent runs it at most once and answers a
+/// repeat with the first answer.
 #[derive(Clone)]
 pub struct Transaction {
     inner: Arc<TxnInner>,
@@ -315,12 +316,15 @@ impl Drop for TxnInner {
     }
 }
 
-/// Errors after which an Execute may or may not have reached the agent.
+/// Errors after which an Execute may or may not have reached the agent: the transport's
+/// (a connection lost or refused, the deadline), which tonic makes here with the cause as
+/// their `source`. A status the agent itself answered has none, and is its final word (a
+/// shutting-down agent, a statement timeout): sending it again would only repeat it.
 fn may_be_lost(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-    )
+    ) && std::error::Error::source(s).is_some()
 }
 
 #[derive(Clone, Copy)]
@@ -559,5 +563,28 @@ impl pb::Value {
             Some(pb::value::Kind::Text(v)) => Some(v),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transport_failures_are_sent_again() {
+        // Raised here, by the connection or the deadline: the request may have arrived.
+        let lost = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert_eq!(lost.code(), Code::Unknown);
+        assert!(may_be_lost(&lost));
+        let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(may_be_lost(&timeout), "{timeout:?}");
+        // Answered by the agent: its final word.
+        assert!(!may_be_lost(&Status::unavailable(
+            "this agent is shutting down"
+        )));
+        assert!(!may_be_lost(&Status::deadline_exceeded(
+            "statement timeout"
+        )));
+        assert!(!may_be_lost(&Status::failed_precondition("out of order")));
     }
 }
