@@ -140,7 +140,8 @@ async fn open_transfer(client: &Client, amount: i64) -> Result<String> {
         )
         .await?;
     }
-    Ok(txn.id().to_string())
+    // Left open: the attacks go at it by id, and it commits at the end.
+    Ok(txn.detach())
 }
 
 /// Attacks 1 and 2: both branches prepared and the leader gone before it told anyone. A

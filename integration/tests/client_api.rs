@@ -209,6 +209,19 @@ async fn dropping_an_uncommitted_transaction_releases_its_locks() -> Result<()> 
         ensure!(bank::balance(&c, p, 1).await? == BALANCE);
     }
 
+    // Detached: left open for a handle resumed elsewhere, which commits it.
+    let txn = c.client.begin().await?;
+    let leader = txn.leader();
+    txn.execute(A, debit, &[4i64.into()]).await?;
+    let txid = txn.detach();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = c.client.transaction(&txid, leader).commit().await?;
+    ensure!(
+        d.outcome == Outcome::Committed,
+        "a detached transaction: {d:?}"
+    );
+    ensure!(bank::balance(&c, A, 4).await? == BALANCE - 1);
+
     // Committed, then dropped: stays committed.
     let txn = c.client.begin().await?;
     let txid = txn.id().to_string();

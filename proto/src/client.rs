@@ -268,7 +268,8 @@ const EXECUTE_BACKOFF: Duration = Duration::from_millis(50);
 /// at once rather than at the leader's open timeout. Best effort: outside a runtime, or with
 /// the leader unreachable, nothing is sent and the open timeout still ends it. Once one of
 /// those calls was made, even if it failed or was cancelled, the drop sends nothing: a commit
-/// whose outcome is unknown is the group's to settle, not the drop's.
+/// whose outcome is unknown is the group's to settle, not the drop's. [`Transaction::detach`]
+/// leaves a transaction open on purpose.
 ///
 /// **Statements are numbered** per participant (1, 2, ...; see `ExecuteRequest.seq`), and
 /// `execute` calls on one participant are sent one at a time, in order. An Execute that fails
@@ -290,13 +291,14 @@ struct TxnInner {
     lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
     /// Whether statements are numbered (not on a resumed handle).
     numbered: bool,
-    /// A Prepare, Commit or Abort was sent (or about to be): dropping then sends nothing.
-    finishing: AtomicBool,
+    /// A Prepare, Commit or Abort was sent (or about to be), or the handle was detached:
+    /// dropping then sends nothing.
+    hands_off: AtomicBool,
 }
 
 impl Drop for TxnInner {
     fn drop(&mut self) {
-        if self.finishing.load(Ordering::Acquire) {
+        if self.hands_off.load(Ordering::Acquire) {
             return;
         }
         // Not awaited: a drop must not block, and may happen outside any runtime.
@@ -343,7 +345,7 @@ impl Transaction {
                 leader,
                 lanes: Mutex::new(HashMap::new()),
                 numbered,
-                finishing: AtomicBool::new(false),
+                hands_off: AtomicBool::new(false),
             }),
         }
     }
@@ -354,6 +356,14 @@ impl Transaction {
 
     pub fn leader(&self) -> usize {
         self.inner.leader
+    }
+
+    /// Leaves the transaction open for someone else to finish (a handle resumed with
+    /// [`Client::transaction`], another process): dropping this handle, or any of its clones,
+    /// no longer aborts it. Returns its id.
+    pub fn detach(self) -> String {
+        self.inner.hands_off.store(true, Ordering::Release);
+        self.inner.txid.clone()
     }
 
     /// Runs one statement on `participant`'s database within this transaction; sent again
@@ -436,7 +446,7 @@ impl Transaction {
     }
 
     async fn finish(&self, what: Finish) -> Result<Decision, ClientError> {
-        self.inner.finishing.store(true, Ordering::Release);
+        self.inner.hands_off.store(true, Ordering::Release);
         finish(
             &self.inner.client,
             &self.inner.txid,
