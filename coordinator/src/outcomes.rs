@@ -87,17 +87,7 @@ impl Archive {
             map: HashMap::new(),
             keep_days,
         };
-        for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-            let entry = entry.map_err(io_err("list", dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(day) = name
-                .strip_prefix(PREFIX)
-                .and_then(|n| n.strip_suffix(SUFFIX))
-                .and_then(|d| d.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let path = entry.path();
+        for (day, path) in day_files(dir)? {
             if day + keep_days < today {
                 fs::remove_file(&path).map_err(io_err("remove expired", &path))?;
                 continue;
@@ -131,7 +121,7 @@ impl Archive {
     }
 
     fn day_file(dir: &Path, day: u64) -> Result<File, LogError> {
-        let path = dir.join(format!("{PREFIX}{day}{SUFFIX}"));
+        let path = day_path(dir, day);
         OpenOptions::new()
             .create(true)
             .append(true)
@@ -158,7 +148,7 @@ impl Archive {
             buf.extend_from_slice(&txn.0.to_le_bytes());
             buf.push(u8::from(*outcome == Outcome::Committed));
         }
-        let path = self.dir.join(format!("{PREFIX}{}{SUFFIX}", self.day));
+        let path = day_path(&self.dir, self.day);
         self.file
             .write_all(&buf)
             .map_err(io_err("append to", &path))?;
@@ -178,27 +168,41 @@ impl Archive {
     /// Makes what was appended durable (called now and then, not per batch).
     pub fn sync(&mut self) -> Result<(), LogError> {
         if std::mem::take(&mut self.unsynced) {
-            let path = self.dir.join(format!("{PREFIX}{}{SUFFIX}", self.day));
+            let path = day_path(&self.dir, self.day);
             self.file.sync_data().map_err(io_err("fdatasync", &path))?;
         }
         Ok(())
     }
 
     fn remove_expired(&self) -> Result<(), LogError> {
-        for entry in fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))? {
-            let entry = entry.map_err(io_err("list", &self.dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let day = name
-                .strip_prefix(PREFIX)
-                .and_then(|n| n.strip_suffix(SUFFIX))
-                .and_then(|d| d.parse::<u64>().ok());
-            if day.is_some_and(|d| d + self.keep_days < self.day) {
-                let path = entry.path();
+        for (day, path) in day_files(&self.dir)? {
+            if day + self.keep_days < self.day {
                 fs::remove_file(&path).map_err(io_err("remove expired", &path))?;
             }
         }
         Ok(())
     }
+}
+
+fn day_path(dir: &Path, day: u64) -> PathBuf {
+    dir.join(format!("{PREFIX}{day}{SUFFIX}"))
+}
+
+/// The archive's day files in `dir`, with their days.
+fn day_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let entry = entry.map_err(io_err("list", dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(day) = name
+            .strip_prefix(PREFIX)
+            .and_then(|n| n.strip_suffix(SUFFIX))
+            .and_then(|d| d.parse::<u64>().ok())
+        {
+            files.push((day, entry.path()));
+        }
+    }
+    Ok(files)
 }
 
 #[cfg(test)]

@@ -396,6 +396,7 @@ impl pb::coordinator_server::Coordinator for Handle {
             &[Kind::Operator, Kind::Replica],
         )?;
         let info = self.info().await?;
+        let (state, state_reason) = self.life.state();
         Ok(Response::new(pb::ClusterInfoResponse {
             replica: self.cfg.id,
             replicas: self.cfg.replicas.len() as u32,
@@ -416,8 +417,8 @@ impl pb::coordinator_server::Coordinator for Handle {
             fsyncs: info.counters.fsyncs,
             records: info.counters.records,
             sent: info.sent.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-            state: self.life.state().0.to_string(),
-            state_reason: self.life.state().1,
+            state: state.to_string(),
+            state_reason,
             rejoined: info.stats.rejoined,
         }))
     }
