@@ -153,6 +153,7 @@ impl Handle {
             reason: decision.reason,
             all_applied: decision.all_applied,
             not_applied: decision.not_applied,
+            cause: None,
         }))
     }
 
@@ -259,6 +260,7 @@ impl pb::coordinator_server::Coordinator for Handle {
             leader: self.cfg.id,
             leader_address: self.cfg.replicas[self.cfg.id as usize].clone(),
             deadline_unix_ms: deadline,
+            existing: false,
         }))
     }
 

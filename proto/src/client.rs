@@ -202,7 +202,7 @@ impl Client {
         for k in 0..n {
             let i = (start + k) % n;
             let mut c = self.inner.replicas[i].clone();
-            match c.begin(pb::BeginRequest { timeout_ms: 0 }).await {
+            match c.begin(pb::BeginRequest::default()).await {
                 Ok(r) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     let r = r.into_inner();

@@ -200,6 +200,7 @@ pub fn msg_to_pb(from: ReplicaId, msg: &Msg) -> pb::PaxosMessage {
             ballot: *ballot,
             vote: vote_to_pb(*vote),
             participants: participants_to_pb(participants),
+            cause: None,
         }),
         Msg::Phase2b {
             participant,
@@ -526,6 +527,7 @@ mod tests {
                 ballot,
                 vote: vote_to_pb(Vote::Prepared),
                 participants,
+                cause: None,
             }),
         )
     }

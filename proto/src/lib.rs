@@ -11,6 +11,7 @@ pub mod convert;
 pub mod heuristic;
 pub mod limits;
 pub mod pki;
+pub mod reason;
 pub mod sender;
 pub mod tls;
 

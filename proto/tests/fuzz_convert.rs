@@ -150,6 +150,7 @@ fn body(rng: &mut Rng) -> Option<Body> {
             ballot: ballot(rng),
             vote: enum_value(rng),
             participants: participants(rng),
+            cause: None,
         }),
         3 => Body::Phase2b(pb::Phase2b {
             participant: id(rng),
