@@ -2,7 +2,9 @@
 
 use crate::log::LogError;
 use paxos_commit_core::TxnError;
-use tonic::Status;
+use paxos_commit_proto::pb::ErrorReason;
+use paxos_commit_proto::reason;
+use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -27,24 +29,56 @@ pub enum CoordinatorError {
     Log(#[from] LogError),
 }
 
+impl CoordinatorError {
+    /// The gRPC code and ErrorInfo reason that mean the same thing to a client.
+    fn code_and_reason(&self) -> (Code, ErrorReason) {
+        match self {
+            CoordinatorError::Txn(TxnError::Unknown { .. }) => {
+                (Code::NotFound, ErrorReason::UnknownTransaction)
+            }
+            CoordinatorError::Txn(TxnError::NotLeader { .. }) => {
+                (Code::FailedPrecondition, ErrorReason::NotLeader)
+            }
+            CoordinatorError::Txn(TxnError::Frozen { .. }) => {
+                (Code::FailedPrecondition, ErrorReason::TransactionClosed)
+            }
+            // Another replica can answer: callers move on as from one that is down.
+            CoordinatorError::Txn(TxnError::Abstains { .. }) => {
+                (Code::Unavailable, ErrorReason::ReplicaUnavailable)
+            }
+            CoordinatorError::Txn(TxnError::DuplicateParticipant { .. }) => {
+                (Code::FailedPrecondition, ErrorReason::InvalidArgument)
+            }
+            CoordinatorError::InvalidArgument(_) => {
+                (Code::InvalidArgument, ErrorReason::InvalidArgument)
+            }
+            CoordinatorError::NoDecision { .. } => (Code::Unavailable, ErrorReason::OutcomeUnknown),
+            CoordinatorError::ShuttingDown
+            | CoordinatorError::Refused(_)
+            | CoordinatorError::Log(_) => (Code::Unavailable, ErrorReason::ReplicaUnavailable),
+        }
+    }
+
+    fn txid(&self) -> String {
+        match self {
+            CoordinatorError::Txn(
+                TxnError::Unknown { txn, .. }
+                | TxnError::NotLeader { txn, .. }
+                | TxnError::Frozen { txn }
+                | TxnError::Abstains { txn }
+                | TxnError::DuplicateParticipant { txn, .. },
+            ) => txn.to_string(),
+            CoordinatorError::NoDecision { txid, .. } => txid.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
 impl From<CoordinatorError> for Status {
     fn from(e: CoordinatorError) -> Status {
-        let msg = e.to_string();
-        match e {
-            CoordinatorError::Txn(TxnError::Unknown { .. }) => Status::not_found(msg),
-            CoordinatorError::Txn(TxnError::NotLeader { .. }) => Status::failed_precondition(msg),
-            CoordinatorError::Txn(TxnError::Frozen { .. }) => Status::failed_precondition(msg),
-            // Another replica can answer: callers move on as from one that is down.
-            CoordinatorError::Txn(TxnError::Abstains { .. }) => Status::unavailable(msg),
-            CoordinatorError::Txn(TxnError::DuplicateParticipant { .. }) => {
-                Status::failed_precondition(msg)
-            }
-            CoordinatorError::InvalidArgument(_) => Status::invalid_argument(msg),
-            CoordinatorError::NoDecision { .. } => Status::unavailable(msg),
-            CoordinatorError::ShuttingDown => Status::unavailable(msg),
-            CoordinatorError::Refused(_) => Status::failed_precondition(msg),
-            CoordinatorError::Log(_) => Status::unavailable(msg),
-        }
+        let (code, r) = e.code_and_reason();
+        let txid = e.txid();
+        reason::status(code, e.to_string(), r, &[(reason::TXID, &txid)])
     }
 }
 

@@ -119,6 +119,8 @@ pub async fn serve(
     let stop = drain_on(shutdown, life.clone(), tx, cfg.drain_timeout);
     let max = paxos_commit_proto::limits::MAX_MESSAGE_BYTES;
     let serving = server
+        // Outermost, so that it sees the codes as they leave (after `limits`).
+        .layer(paxos_commit_proto::reason::ReasonLayer)
         .layer(paxos_commit_proto::limits::layer())
         .add_service(health)
         .add_service(CoordinatorServer::new(handle.clone()).max_decoding_message_size(max))

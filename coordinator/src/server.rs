@@ -249,11 +249,17 @@ impl pb::coordinator_server::Coordinator for Handle {
             .ask(|reply| Command::Begin { timeout_ms, reply })
             .await?
             .ok_or_else(|| {
-                Status::resource_exhausted(format!(
-                    "this replica leads {} open transactions already (max_open_transactions); \
-                     commit or abort some, or begin on another replica",
-                    self.cfg.max_open_transactions
-                ))
+                paxos_commit_proto::reason::status(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "this replica leads {} open transactions already \
+                         (max_open_transactions); commit or abort some, or begin on another \
+                         replica",
+                        self.cfg.max_open_transactions
+                    ),
+                    pb::ErrorReason::TooManyTransactions,
+                    &[],
+                )
             })?;
         Ok(Response::new(pb::BeginResponse {
             txid: txn.to_string(),

@@ -151,10 +151,8 @@ impl State {
 /// What a numbered statement's caller was told (see `ExecuteRequest.seq`).
 enum Answer {
     Ok(pb::ExecuteResponse),
-    Err {
-        code: tonic::Code,
-        message: String,
-    },
+    /// The status with its details, as sent the first time.
+    Err(tonic::Status),
     /// Dropped once the branch is prepared, where no statement runs any more: a prepared
     /// branch does not hold an open-branch slot, so its rows would not be bounded by
     /// `max_open_branches`. A late repeat is told that the branch is closed.
@@ -472,7 +470,7 @@ impl Branches {
                 params.len()
             )));
         }
-        guard::check(sql).map_err(|e| AgentError::BadRequest(e.to_string()))
+        guard::check(sql).map_err(|e| AgentError::Refused(e.to_string()))
     }
 
     /// Removes a branch whose first Execute failed before anything took effect (the slot goes
@@ -540,10 +538,7 @@ impl Branches {
                     }
                     return match &l.answer {
                         Answer::Ok(resp) => Ok(resp.clone()),
-                        Answer::Err { code, message } => Err(AgentError::Answered {
-                            code: *code,
-                            message: message.clone(),
-                        }),
+                        Answer::Err(status) => Err(AgentError::Answered(status.clone())),
                         Answer::Forgotten => Err(AgentError::Closed {
                             txn,
                             state: state.name(),
@@ -576,12 +571,10 @@ impl Branches {
                 Ok(resp) => (Answer::Ok(resp.clone()), Ok(resp)),
                 Err(e) => {
                     let status = tonic::Status::from(e);
-                    let (code, message) = (status.code(), status.message().to_string());
-                    let answer = Answer::Err {
-                        code,
-                        message: message.clone(),
-                    };
-                    (answer, Err(AgentError::Answered { code, message }))
+                    (
+                        Answer::Err(status.clone()),
+                        Err(AgentError::Answered(status)),
+                    )
                 }
             };
             memo.last = Some(Last {
@@ -1438,21 +1431,12 @@ fn open_state(
 /// Tells one statement from another, for a repeat's check (see `Last`). Not a security
 /// measure: only the client that numbers the statements can get it wrong.
 fn digest(sql: &str, params: &[pb::Value]) -> u64 {
-    use pb::value::Kind;
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     sql.hash(&mut h);
     params.len().hash(&mut h);
     for p in params {
-        match &p.kind {
-            None => 0u8.hash(&mut h),
-            Some(Kind::Null(v)) => (1u8, v).hash(&mut h),
-            Some(Kind::Bool(v)) => (2u8, v).hash(&mut h),
-            Some(Kind::Int(v)) => (3u8, v).hash(&mut h),
-            Some(Kind::Float(v)) => (4u8, v.to_bits()).hash(&mut h),
-            Some(Kind::Text(v)) => (5u8, v).hash(&mut h),
-            Some(Kind::Bytes(v)) => (6u8, v).hash(&mut h),
-        }
+        prost::Message::encode_to_vec(p).hash(&mut h);
     }
     h.finish()
 }
@@ -1533,10 +1517,10 @@ async fn statement(
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(bound) => bound,
-        Err(e) => return refused(AgentError::BadRequest(e)),
+        Err(e) => return refused(AgentError::UnsupportedType(e)),
     };
     if let Err(e) = values::check_columns(stmt.columns()) {
-        return refused(AgentError::BadRequest(e));
+        return refused(AgentError::UnsupportedType(e));
     }
     let (result, after) =
         tokio::join!(rows(conn, txn, &stmt, &bound, max_result_bytes), mark(conn));
@@ -1568,7 +1552,7 @@ async fn rows(
         let values = (0..row.len())
             .map(|i| values::column(&row, i))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(AgentError::BadRequest)?;
+            .map_err(|detail| AgentError::UnreadableResult { txn, detail })?;
         size += 8 + values.iter().map(values::response_size).sum::<usize>();
         if size > max_result_bytes {
             // Dropping the stream leaves the rest of the rows to the connection, which reads

@@ -1,12 +1,25 @@
 //! The agent's errors, and the gRPC status that means the same thing.
 
 use paxos_commit_core::{Outcome, TxnId};
+use paxos_commit_proto::pb::ErrorReason;
+use paxos_commit_proto::reason::{self, SQLSTATE, TXID};
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// A statement of a kind no branch may run (transaction control, session state, ...).
+    #[error("statement refused: {0}")]
+    Refused(String),
+    /// A parameter that does not fit its declared type, or a result column of a type the
+    /// wire cannot carry: refused before the statement ran.
+    #[error("{0}; the statement did not run")]
+    UnsupportedType(String),
+    /// A result row that could not be converted after the statement ran: the branch can
+    /// only abort, since running the statement again in it would apply it twice.
+    #[error("{detail}; the statement ran, and transaction {txn} can only abort now")]
+    UnreadableResult { txn: TxnId, detail: String },
     /// PostgreSQL answered with an error.
     #[error("PostgreSQL error {code}: {message}")]
     Sql { code: String, message: String },
@@ -77,9 +90,10 @@ pub enum AgentError {
         participant: String,
         seq: u64,
     },
-    /// The answer to a numbered statement, as its first copy was told (and every repeat is).
-    #[error("{message}")]
-    Answered { code: Code, message: String },
+    /// The answer to a numbered statement, as its first copy was told (and every repeat is),
+    /// with its error details.
+    #[error("{}", .0.message())]
+    Answered(Status),
 }
 
 impl AgentError {
@@ -122,15 +136,80 @@ impl AgentError {
                 | AgentError::Database(_)
                 | AgentError::ResultTooLarge { .. }
                 | AgentError::LeftTransaction { .. }
+                | AgentError::UnreadableResult { .. }
         )
+    }
+
+    /// The ErrorInfo reason of this error, and its SQLSTATE when PostgreSQL gave one.
+    pub fn reason(&self) -> (ErrorReason, Option<&str>) {
+        let r = match self {
+            AgentError::BadRequest(_) => ErrorReason::InvalidArgument,
+            AgentError::Refused(_) => ErrorReason::StatementRefused,
+            AgentError::UnsupportedType(_) | AgentError::UnreadableResult { .. } => {
+                ErrorReason::UnsupportedType
+            }
+            AgentError::Sql { code, .. } => return (reason::of_sqlstate(code), Some(code)),
+            AgentError::Database(_) => ErrorReason::DatabaseUnavailable,
+            AgentError::Enlist(s) => match reason::of(s) {
+                Some(r) => r.reason,
+                None if s.code() == Code::FailedPrecondition => ErrorReason::TransactionClosed,
+                None => reason::default_for(s.code()),
+            },
+            AgentError::Closed { .. } => ErrorReason::TransactionClosed,
+            AgentError::BranchFailed { .. } => ErrorReason::BranchFailed,
+            AgentError::NotPrepared { .. } => ErrorReason::NotPrepared,
+            AgentError::Conflict { .. } => ErrorReason::DecisionConflict,
+            AgentError::Busy(_) => ErrorReason::AgentBusy,
+            AgentError::ShuttingDown { .. } => ErrorReason::AgentShuttingDown,
+            AgentError::ResultTooLarge { .. } => ErrorReason::ResultTooLarge,
+            AgentError::LeftTransaction { .. } => ErrorReason::StatementRefused,
+            AgentError::OutOfOrder { .. } | AgentError::NotARepeat { .. } => {
+                ErrorReason::OutOfOrder
+            }
+            AgentError::Answered { .. } => ErrorReason::Unspecified,
+        };
+        (r, None)
+    }
+
+    fn txn(&self) -> Option<TxnId> {
+        match self {
+            AgentError::Closed { txn, .. }
+            | AgentError::BranchFailed { txn, .. }
+            | AgentError::NotPrepared { txn }
+            | AgentError::Conflict { txn, .. }
+            | AgentError::ShuttingDown { txn }
+            | AgentError::ResultTooLarge { txn, .. }
+            | AgentError::LeftTransaction { txn, .. }
+            | AgentError::UnreadableResult { txn, .. }
+            | AgentError::OutOfOrder { txn, .. }
+            | AgentError::NotARepeat { txn, .. } => Some(*txn),
+            _ => None,
+        }
     }
 }
 
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
+        if let AgentError::Answered(s) = e {
+            return s;
+        }
         let msg = e.to_string();
-        match &e {
-            AgentError::BadRequest(_) => Status::invalid_argument(msg),
+        let (reason, sqlstate) = e.reason();
+        let txid = e.txn().map(|t| t.to_string()).unwrap_or_default();
+        let code = code(&e);
+        reason::status(
+            code,
+            msg,
+            reason,
+            &[(SQLSTATE, sqlstate.unwrap_or_default()), (TXID, &txid)],
+        )
+    }
+}
+
+/// The gRPC code that means the same thing as `e`.
+fn code(e: &AgentError) -> Code {
+    {
+        match e {
             AgentError::Sql { code, .. } => {
                 let code = match &code[..2.min(code.len())] {
                     // lock timeout: like a deadlock, retryable
@@ -147,21 +226,25 @@ impl From<AgentError> for Status {
                     "08" | "53" | "57" => Code::Unavailable,
                     _ => Code::FailedPrecondition,
                 };
-                Status::new(code, msg)
+                code
             }
-            AgentError::Database(_) => Status::unavailable(msg),
-            AgentError::Enlist(s) => Status::new(s.code(), msg),
-            AgentError::Answered { code, message } => Status::new(*code, message.clone()),
+            AgentError::BadRequest(_)
+            | AgentError::Refused(_)
+            | AgentError::UnsupportedType(_)
+            | AgentError::UnreadableResult { .. } => Code::InvalidArgument,
+            AgentError::Database(_) => Code::Unavailable,
+            AgentError::Enlist(s) => s.code(),
+            AgentError::Answered(s) => s.code(),
             AgentError::Closed { .. }
             | AgentError::OutOfOrder { .. }
             | AgentError::NotARepeat { .. }
             | AgentError::BranchFailed { .. }
-            | AgentError::NotPrepared { .. } => Status::failed_precondition(msg),
-            AgentError::Conflict { .. } => Status::internal(msg),
-            AgentError::Busy(_) => Status::resource_exhausted(msg),
-            AgentError::ShuttingDown { .. } => Status::unavailable(msg),
+            | AgentError::NotPrepared { .. } => Code::FailedPrecondition,
+            AgentError::Conflict { .. } => Code::Internal,
+            AgentError::Busy(_) => Code::ResourceExhausted,
+            AgentError::ShuttingDown { .. } => Code::Unavailable,
             AgentError::ResultTooLarge { .. } | AgentError::LeftTransaction { .. } => {
-                Status::invalid_argument(msg)
+                Code::InvalidArgument
             }
         }
     }

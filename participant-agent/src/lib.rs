@@ -12,6 +12,7 @@ pub mod coordinators;
 pub mod db_tls;
 pub mod error;
 pub mod guard;
+pub mod numeric;
 pub mod server;
 pub mod startup;
 pub mod values;
@@ -169,6 +170,8 @@ pub async fn serve(
         stopped,
     };
     let serving = server
+        // Outermost, so that it sees the codes as they leave (after `limits`).
+        .layer(paxos_commit_proto::reason::ReasonLayer)
         .layer(paxos_commit_proto::limits::layer())
         .add_service(health)
         .add_service(

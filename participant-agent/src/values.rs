@@ -1,6 +1,11 @@
 //! Typed values between gRPC and PostgreSQL. Parameters are converted to the type
 //! PostgreSQL declared for them (an integer bound to an `int4` column becomes an `i32`), so
-//! clients need not know the exact column types; a value that does not fit is a clear error.
+//! clients need not know the exact column types; a value that does not fit is a clear error,
+//! given before the statement runs.
+//!
+//! Types beyond the basic ones (numeric, timestamps, dates, uuid, json) travel in
+//! PostgreSQL's binary form, encoded here: tokio-postgres has no exact decimal, and the
+//! others need no calendar, only an offset between epochs.
 
 use bytes::BytesMut;
 use paxos_commit_proto::pb::{self, value::Kind};
@@ -19,6 +24,8 @@ pub enum Param {
     F64(f64),
     Text(String),
     Bytes(Vec<u8>),
+    /// Already in PostgreSQL's binary form for the declared type.
+    Raw(Vec<u8>),
 }
 
 impl ToSql for Param {
@@ -37,6 +44,10 @@ impl ToSql for Param {
             Param::F64(v) => v.to_sql(ty, out),
             Param::Text(v) => v.to_sql(ty, out),
             Param::Bytes(v) => v.to_sql(ty, out),
+            Param::Raw(v) => {
+                out.extend_from_slice(v);
+                Ok(IsNull::No)
+            }
         }
     }
 
@@ -48,7 +59,87 @@ impl ToSql for Param {
     to_sql_checked!();
 }
 
-/// Converts parameter `index` (0-based) to the declared type `ty`.
+/// Microseconds and days from 1970-01-01 (the wire's epoch) to 2000-01-01 (PostgreSQL's).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+const PG_EPOCH_DAYS: i32 = 10_957;
+
+/// A timestamp in microseconds since the Unix epoch, in PostgreSQL's binary form; the
+/// infinities (the extreme values) stay what they are.
+fn timestamp_to_pg(unix_us: i64) -> Option<Vec<u8>> {
+    let pg = match unix_us {
+        i64::MAX | i64::MIN => unix_us,
+        v => v.checked_sub(PG_EPOCH_US)?,
+    };
+    Some(pg.to_be_bytes().to_vec())
+}
+
+fn timestamp_from_pg(pg: i64) -> i64 {
+    match pg {
+        i64::MAX | i64::MIN => pg,
+        v => v.saturating_add(PG_EPOCH_US),
+    }
+}
+
+fn date_to_pg(unix_days: i32) -> Option<Vec<u8>> {
+    let pg = match unix_days {
+        i32::MAX | i32::MIN => unix_days,
+        v => v.checked_sub(PG_EPOCH_DAYS)?,
+    };
+    Some(pg.to_be_bytes().to_vec())
+}
+
+fn date_from_pg(pg: i32) -> i32 {
+    match pg {
+        i32::MAX | i32::MIN => pg,
+        v => v.saturating_add(PG_EPOCH_DAYS),
+    }
+}
+
+/// A uuid's 16 bytes from its text: 32 hex digits, with or without the usual hyphens.
+fn uuid_bytes(text: &str) -> Option<Vec<u8>> {
+    let hex: Vec<u8> = text.bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 || text.len() > 36 {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
+}
+
+fn uuid_text(raw: &[u8]) -> Result<String, String> {
+    if raw.len() != 16 {
+        return Err(format!("uuid of {} bytes", raw.len()));
+    }
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
+/// JSON text in the binary form of `json` (the text) or `jsonb` (a version byte, then the
+/// text). PostgreSQL parses and checks it.
+fn json_to_pg(text: &str, ty: &Type) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + 1);
+    if *ty == Type::JSONB {
+        out.push(1);
+    }
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+fn numeric_to_pg(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = BytesMut::new();
+    crate::numeric::encode(text, &mut out)?;
+    Ok(out.to_vec())
+}
+
+/// Converts parameter `index` (0-based) to the declared type `ty`. Refused here, a value
+/// never reaches PostgreSQL: nothing ran.
 pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String> {
     let n = index + 1;
     let mismatch = |what: &str| format!("parameter ${n}: cannot bind {what} to type {ty}");
@@ -56,6 +147,7 @@ pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String
         *ty,
         Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN
     );
+    let is_json = matches!(*ty, Type::JSON | Type::JSONB);
     Ok(match value.kind.as_ref() {
         None | Some(Kind::Null(_)) => Param::Null,
         Some(Kind::Bool(v)) => match *ty {
@@ -69,6 +161,7 @@ pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String
             Type::INT8 => Param::I64(*v),
             Type::FLOAT4 => Param::F32(*v as f32),
             Type::FLOAT8 => Param::F64(*v as f64),
+            Type::NUMERIC => Param::Raw(numeric_to_pg(&v.to_string())?),
             _ if is_text => Param::Text(v.to_string()),
             _ => return Err(mismatch("an integer") + " (cast the parameter, e.g. $1::int8)"),
         },
@@ -76,6 +169,10 @@ pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String
             Type::FLOAT4 => Param::F32(*v as f32),
             Type::FLOAT8 => Param::F64(*v),
             _ if is_text => Param::Text(v.to_string()),
+            Type::NUMERIC => {
+                return Err(mismatch("a float")
+                    + ": a float is not exact; send a decimal value (a decimal string)")
+            }
             _ => return Err(mismatch("a float") + " (cast the parameter, e.g. $1::float8)"),
         },
         Some(Kind::Text(v)) => match *ty {
@@ -84,11 +181,62 @@ pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String
                 let i: i64 = v.parse().map_err(|_| mismatch("non-numeric text"))?;
                 return param(index, &pb::Value::from(i), ty);
             }
-            _ => return Err(mismatch("text") + " (cast the parameter, e.g. $1::text::numeric)"),
+            Type::NUMERIC => {
+                Param::Raw(numeric_to_pg(v).map_err(|e| mismatch("text") + ": " + &e)?)
+            }
+            Type::UUID => {
+                Param::Raw(uuid_bytes(v).ok_or_else(|| mismatch("text that is not a uuid"))?)
+            }
+            _ if is_json => Param::Raw(json_to_pg(v, ty)),
+            _ => {
+                return Err(mismatch("text") + " (send a typed value, or cast, e.g. $1::text::date)")
+            }
         },
         Some(Kind::Bytes(v)) => match *ty {
             Type::BYTEA => Param::Bytes(v.clone()),
             _ => return Err(mismatch("bytes")),
+        },
+        Some(Kind::Decimal(v)) => match *ty {
+            Type::NUMERIC => {
+                Param::Raw(numeric_to_pg(v).map_err(|e| mismatch("a decimal") + ": " + &e)?)
+            }
+            Type::INT2 | Type::INT4 | Type::INT8 => {
+                let i: i64 = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| mismatch("a decimal with a fraction"))?;
+                return param(index, &pb::Value::from(i), ty);
+            }
+            _ if is_text => Param::Text(v.clone()),
+            _ => return Err(mismatch("a decimal")),
+        },
+        Some(Kind::Timestamptz(v)) => match *ty {
+            Type::TIMESTAMPTZ => Param::Raw(
+                timestamp_to_pg(*v).ok_or_else(|| mismatch("an out-of-range timestamp"))?,
+            ),
+            _ => return Err(mismatch("a timestamptz")),
+        },
+        Some(Kind::Timestamp(v)) => match *ty {
+            Type::TIMESTAMP => Param::Raw(
+                timestamp_to_pg(*v).ok_or_else(|| mismatch("an out-of-range timestamp"))?,
+            ),
+            _ => return Err(mismatch("a timestamp")),
+        },
+        Some(Kind::Date(v)) => match *ty {
+            Type::DATE => {
+                Param::Raw(date_to_pg(*v).ok_or_else(|| mismatch("an out-of-range date"))?)
+            }
+            _ => return Err(mismatch("a date")),
+        },
+        Some(Kind::Uuid(v)) => match *ty {
+            Type::UUID => Param::Raw(uuid_bytes(v).ok_or_else(|| mismatch("a malformed uuid"))?),
+            _ if is_text => Param::Text(v.clone()),
+            _ => return Err(mismatch("a uuid")),
+        },
+        Some(Kind::Json(v)) => match *ty {
+            _ if is_json => Param::Raw(json_to_pg(v, ty)),
+            _ if is_text => Param::Text(v.clone()),
+            _ => return Err(mismatch("json")),
         },
     })
 }
@@ -112,6 +260,13 @@ fn returnable(ty: &Type) -> bool {
             | Type::BPCHAR
             | Type::NAME
             | Type::BYTEA
+            | Type::NUMERIC
+            | Type::TIMESTAMPTZ
+            | Type::TIMESTAMP
+            | Type::DATE
+            | Type::UUID
+            | Type::JSON
+            | Type::JSONB
     )
 }
 
@@ -137,9 +292,10 @@ fn unreturnable(name: &str, ty: &Type) -> String {
 /// client's default 4 MiB message limit with the same setting.
 pub fn response_size(v: &pb::Value) -> usize {
     let payload = match &v.kind {
-        Some(Kind::Text(s)) => s.len(),
+        Some(Kind::Text(s) | Kind::Decimal(s) | Kind::Uuid(s) | Kind::Json(s)) => s.len(),
         Some(Kind::Bytes(b)) => b.len(),
-        Some(Kind::Int(_) | Kind::Float(_)) => 10,
+        Some(Kind::Int(_) | Kind::Float(_) | Kind::Timestamptz(_) | Kind::Timestamp(_)) => 10,
+        Some(Kind::Date(_)) => 5,
         Some(Kind::Bool(_) | Kind::Null(_)) | None => 1,
     };
     payload + 8
@@ -202,14 +358,138 @@ pub fn column(row: &Row, i: usize) -> Result<pb::Value, String> {
             .try_get::<_, Option<Vec<u8>>>(i)
             .map_err(err)?
             .map(Kind::Bytes),
+        Type::NUMERIC => raw(row, i, &name, |b| {
+            crate::numeric::decode(b).map(Kind::Decimal)
+        })?,
+        Type::TIMESTAMPTZ => raw(row, i, &name, |b| {
+            Ok(Kind::Timestamptz(timestamp_from_pg(be_i64(b)?)))
+        })?,
+        Type::TIMESTAMP => raw(row, i, &name, |b| {
+            Ok(Kind::Timestamp(timestamp_from_pg(be_i64(b)?)))
+        })?,
+        Type::DATE => raw(row, i, &name, |b| {
+            let bytes: [u8; 4] = b
+                .try_into()
+                .map_err(|_| "date of the wrong size".to_string())?;
+            Ok(Kind::Date(date_from_pg(i32::from_be_bytes(bytes))))
+        })?,
+        Type::UUID => raw(row, i, &name, |b| uuid_text(b).map(Kind::Uuid))?,
+        Type::JSON | Type::JSONB => raw(row, i, &name, |b| {
+            let text = if ty == Type::JSONB {
+                match b.split_first() {
+                    Some((1, rest)) => rest,
+                    _ => return Err("jsonb of an unknown version".into()),
+                }
+            } else {
+                b
+            };
+            String::from_utf8(text.to_vec())
+                .map(Kind::Json)
+                .map_err(|_| "json that is not UTF-8".to_string())
+        })?,
         other => return Err(unreturnable(&name, &other)),
     };
     Ok(value(v.unwrap_or(Kind::Null(true))))
 }
 
+fn be_i64(b: &[u8]) -> Result<i64, String> {
+    let bytes: [u8; 8] = b
+        .try_into()
+        .map_err(|_| "timestamp of the wrong size".to_string())?;
+    Ok(i64::from_be_bytes(bytes))
+}
+
+/// A column's bytes as PostgreSQL sent them, for the types decoded here.
+struct RawColumn<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for RawColumn<'a> {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> Result<RawColumn<'a>, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawColumn(raw))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// Decodes column `i` with `decode` from its binary form; NULL stays NULL.
+fn raw(
+    row: &Row,
+    i: usize,
+    name: &str,
+    decode: impl FnOnce(&[u8]) -> Result<Kind, String>,
+) -> Result<Option<Kind>, String> {
+    let bytes = row
+        .try_get::<_, Option<RawColumn>>(i)
+        .map_err(|e| format!("column {name}: {e}"))?;
+    bytes
+        .map(|b| decode(b.0).map_err(|e| format!("column {name}: {e}")))
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_and_infinities_convert_both_ways() {
+        assert_eq!(timestamp_to_pg(PG_EPOCH_US).unwrap(), 0i64.to_be_bytes());
+        assert_eq!(timestamp_from_pg(0), PG_EPOCH_US);
+        assert_eq!(timestamp_from_pg(i64::MAX), i64::MAX);
+        assert_eq!(timestamp_to_pg(i64::MIN).unwrap(), i64::MIN.to_be_bytes());
+        assert!(timestamp_to_pg(i64::MIN + 1).is_none());
+        assert_eq!(date_to_pg(PG_EPOCH_DAYS).unwrap(), 0i32.to_be_bytes());
+        assert_eq!(date_from_pg(-1), PG_EPOCH_DAYS - 1);
+    }
+
+    #[test]
+    fn uuids_parse_with_or_without_hyphens() {
+        let canonical = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        let bytes = uuid_bytes(canonical).unwrap();
+        assert_eq!(uuid_text(&bytes).unwrap(), canonical);
+        assert_eq!(uuid_bytes(&canonical.replace('-', "")).unwrap(), bytes);
+        assert_eq!(uuid_bytes(&canonical.to_uppercase()).unwrap(), bytes);
+        for bad in [
+            "",
+            "a0eebc99",
+            "g0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "+0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+        ] {
+            assert!(uuid_bytes(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parameters_fit_their_declared_types_or_are_refused() {
+        let v = |k: Kind| pb::Value { kind: Some(k) };
+        assert!(matches!(
+            param(0, &v(Kind::Decimal("0.1".into())), &Type::NUMERIC),
+            Ok(Param::Raw(_))
+        ));
+        assert!(matches!(
+            param(0, &v(Kind::Int(3)), &Type::NUMERIC),
+            Ok(Param::Raw(_))
+        ));
+        assert!(param(0, &v(Kind::Float(0.1)), &Type::NUMERIC).is_err());
+        assert!(param(0, &v(Kind::Decimal("1.5".into())), &Type::INT8).is_err());
+        assert!(matches!(
+            param(0, &v(Kind::Decimal("15".into())), &Type::INT8),
+            Ok(Param::I64(15))
+        ));
+        assert!(param(0, &v(Kind::Timestamptz(0)), &Type::TIMESTAMP).is_err());
+        assert!(param(0, &v(Kind::Text("2024-01-01".into())), &Type::DATE).is_err());
+        assert!(
+            matches!(param(0, &v(Kind::Json("{}".into())), &Type::JSONB), Ok(Param::Raw(ref b)) if b == &[1, b'{', b'}'])
+        );
+        assert!(matches!(
+            param(0, &v(Kind::Null(true)), &Type::UUID),
+            Ok(Param::Null)
+        ));
+        assert!(param(0, &v(Kind::Uuid("nope".into())), &Type::UUID).is_err());
+    }
 
     #[test]
     fn timestamps_are_read_as_postgresql_sends_them() {

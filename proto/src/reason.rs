@@ -103,6 +103,7 @@ pub fn is_transient(reason: ErrorReason) -> bool {
             | ErrorReason::AgentBusy
             | ErrorReason::AgentShuttingDown
             | ErrorReason::TooManyTransactions
+            | ErrorReason::Overloaded
             | ErrorReason::ReplicaUnavailable
             | ErrorReason::DatabaseUnavailable
             | ErrorReason::ParticipantUnreachable
@@ -130,7 +131,6 @@ pub struct ReasonService<S> {
     inner: S,
 }
 
-const STATUS_HEADER: &str = "grpc-status";
 const DETAILS_HEADER: &str = "grpc-status-details-bin";
 
 /// Adds the default ErrorInfo to an error response's headers that lack details.
@@ -139,24 +139,14 @@ fn add_reason<B>(response: &mut http::Response<B>) {
     if headers.contains_key(DETAILS_HEADER) {
         return;
     }
-    let Some(code) = headers
-        .get(STATUS_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(Code::from_i32)
-    else {
+    let Some(sent) = Status::from_header_map(headers) else {
         return;
     };
-    if code == Code::Ok {
+    if sent.code() == Code::Ok {
         return;
     }
-    // Rebuild the status to reuse tonic's encoding of the details; the message stays as sent.
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let with = status(code, message, default_for(code), &[]);
+    // Rebuilt to reuse tonic's encoding of the details; the status itself stays as sent.
+    let with = status(sent.code(), sent.message(), default_for(sent.code()), &[]);
     let mut fresh = http::HeaderMap::new();
     if with.add_header(&mut fresh).is_ok() {
         if let Some(details) = fresh.remove(DETAILS_HEADER) {

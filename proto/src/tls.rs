@@ -364,10 +364,12 @@ impl Gate {
     ) -> Result<(Caller, tokio::sync::OwnedSemaphorePermit), Status> {
         let caller = self.allow(req, call, kinds)?;
         let permit = self.calls.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "serving {} calls already; retry later",
-                self.max_calls
-            ))
+            crate::reason::status(
+                tonic::Code::ResourceExhausted,
+                format!("serving {} calls already; retry later", self.max_calls),
+                crate::pb::ErrorReason::Overloaded,
+                &[],
+            )
         })?;
         Ok((caller, permit))
     }
