@@ -311,7 +311,7 @@ async fn forged_paxos_messages_are_refused() -> Result<()> {
             ballot: 0,
             vote: pb::Vote::Prepared as i32,
             participants: vec![pb::Participant {
-            cause: None,
+                cause: None,
                 id: B.into(),
                 address: c.agent_addrs[B].clone(),
             }],
