@@ -11,10 +11,13 @@
 
 use crate::convert::outcome_from_pb;
 use crate::pb;
+use crate::pb::ErrorReason;
+use crate::reason;
 use crate::pb::agent_client::AgentClient;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::tls::{Security, Tls};
 use paxos_commit_core::Outcome;
+pub use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +37,14 @@ pub enum ClientError {
     OutcomeUnknown { txid: String, status: Status },
     #[error("{}: {}", .0.code(), .0.message())]
     Rpc(Status),
+    /// `run`: the transaction was decided Aborted, for a cause that retrying would not cure
+    /// (or after the last attempt).
+    #[error("transaction {txid} aborted: {}", .decision.reason)]
+    Aborted { txid: String, decision: Decision },
+    /// An error of the application's own, returned from a `run` closure: the transaction is
+    /// aborted and the error handed back as it is.
+    #[error(transparent)]
+    Application(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl ClientError {
@@ -50,6 +61,47 @@ impl ClientError {
     pub fn code(&self) -> Option<Code> {
         self.status().map(Status::code)
     }
+
+    /// Why it failed, as the servers typed it (see `ErrorReason` in the .proto); `None` for
+    /// an application's own error and for a status that carries no reason (a transport
+    /// failure).
+    pub fn reason(&self) -> Option<ErrorReason> {
+        match self {
+            ClientError::BadAddress { .. } => Some(ErrorReason::InvalidArgument),
+            ClientError::UnknownParticipant(_) => Some(ErrorReason::UnknownParticipant),
+            ClientError::OutcomeUnknown { .. } => Some(ErrorReason::OutcomeUnknown),
+            ClientError::Unreachable(s) => Some(
+                reason::of(s)
+                    .map(|r| r.reason)
+                    .unwrap_or(ErrorReason::ReplicaUnavailable),
+            ),
+            ClientError::Rpc(s) => reason::of(s).map(|r| r.reason),
+            ClientError::Aborted { decision, .. } => Some(decision.cause_reason()),
+            ClientError::Application(_) => None,
+        }
+    }
+
+    /// PostgreSQL's SQLSTATE, when PostgreSQL said no.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            ClientError::Aborted { decision, .. } => decision
+                .cause
+                .as_ref()
+                .map(|c| c.sqlstate.clone())
+                .filter(|s| !s.is_empty()),
+            _ => self.status().and_then(reason::of).and_then(|r| r.sqlstate),
+        }
+    }
+
+    /// Whether running the whole transaction again may succeed (see [`reason::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        self.reason().is_some_and(reason::is_transient)
+    }
+
+    /// Wraps an application's own error for a `run` closure.
+    pub fn application(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ClientError {
+        ClientError::Application(e.into())
+    }
 }
 
 /// A decision as the client sees it.
@@ -61,6 +113,19 @@ pub struct Decision {
     pub all_applied: bool,
     /// Participants that had not confirmed when the answer was given.
     pub not_applied: Vec<String>,
+    /// Aborted: why, as far as the deciding replica knows.
+    pub cause: Option<pb::Cause>,
+}
+
+impl Decision {
+    /// The reason of an abort (`ERROR_REASON_UNSPECIFIED` when the deciding replica did not
+    /// know it, or for a commit).
+    pub fn cause_reason(&self) -> ErrorReason {
+        self.cause
+            .as_ref()
+            .and_then(|c| ErrorReason::try_from(c.reason).ok())
+            .unwrap_or(ErrorReason::Unspecified)
+    }
 }
 
 /// Where the coordinator replicas and the participants' agents listen.
@@ -132,12 +197,17 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-/// Errors that mean "this replica did not get the request", so another one may be asked.
+/// Errors that mean "this replica did not get the request, or cannot serve it", so another
+/// one may be asked.
 fn is_unreachable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
-    ) && !s.message().contains("outcome is unknown")
+    ) && !is_outcome_unknown(s)
+}
+
+fn is_outcome_unknown(s: &Status) -> bool {
+    reason::of(s).is_some_and(|r| r.reason == ErrorReason::OutcomeUnknown)
 }
 
 impl Client {
@@ -196,13 +266,29 @@ impl Client {
 
     /// Begins a transaction on the first replica that answers.
     pub async fn begin(&self) -> Result<Transaction, ClientError> {
+        self.begin_with(pb::BeginRequest::default()).await
+    }
+
+    /// Begins a transaction with an idempotency key: sent again with the same key (after a
+    /// lost reply, by a restarted process), the replica that began it answers with the same
+    /// transaction instead of beginning another. A key is this client's (its certificate's)
+    /// and the replica's, and lasts the replica's retention window.
+    pub async fn begin_idempotent(&self, key: &str) -> Result<Transaction, ClientError> {
+        self.begin_with(pb::BeginRequest {
+            idempotency_key: key.to_string(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn begin_with(&self, req: pb::BeginRequest) -> Result<Transaction, ClientError> {
         let n = self.inner.replicas.len();
         let start = self.inner.preferred.load(Ordering::Relaxed);
         let mut last = Status::unavailable("no replicas configured");
         for k in 0..n {
             let i = (start + k) % n;
             let mut c = self.inner.replicas[i].clone();
-            match c.begin(pb::BeginRequest::default()).await {
+            match c.begin(req.clone()).await {
                 Ok(r) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     let r = r.into_inner();
@@ -319,14 +405,14 @@ impl Drop for TxnInner {
 }
 
 /// Errors after which an Execute may or may not have reached the agent: the transport's
-/// (a connection lost or refused, the deadline), which tonic makes here with the cause as
-/// their `source`. A status the agent itself answered has none, and is its final word (a
-/// shutting-down agent, a statement timeout): sending it again would only repeat it.
+/// (a connection lost or refused, the deadline). A status the agent itself answered carries
+/// an ErrorInfo of ours and is its final word (a shutting-down agent, a statement timeout):
+/// sending it again would only repeat it. The same rule serves any language (PROTOCOL.md).
 fn may_be_lost(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-    ) && std::error::Error::source(s).is_some()
+    ) && reason::of(s).is_none()
 }
 
 #[derive(Clone, Copy)]
@@ -492,14 +578,12 @@ async fn finish(
                     reason: r.reason,
                     all_applied: r.all_applied,
                     not_applied: r.not_applied,
+                    cause: r.cause,
                 });
             }
             Err(s) if is_unreachable(&s) => last = s,
             Err(s) if s.code() == Code::NotFound && k > 0 => last = s,
-            Err(s)
-                if s.code() == Code::DeadlineExceeded
-                    || s.message().contains("outcome is unknown") =>
-            {
+            Err(s) if s.code() == Code::DeadlineExceeded || is_outcome_unknown(&s) => {
                 return Err(ClientError::OutcomeUnknown {
                     txid: txid.to_string(),
                     status: s,
@@ -554,10 +638,98 @@ impl From<String> for pb::Value {
     }
 }
 
+/// An exact numeric (PostgreSQL `numeric`), for money: sent as a decimal string.
+impl From<Decimal> for pb::Value {
+    fn from(v: Decimal) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Decimal(v.to_string()))
+    }
+}
+
+/// A point in time, as a `timestamptz` (microseconds since the Unix epoch).
+impl From<std::time::SystemTime> for pb::Value {
+    fn from(v: std::time::SystemTime) -> pb::Value {
+        let us = match v.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+            Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |us| -us),
+        };
+        pb::Value::kind(pb::value::Kind::Timestamptz(us))
+    }
+}
+
+impl From<Vec<u8>> for pb::Value {
+    fn from(v: Vec<u8>) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Bytes(v))
+    }
+}
+
+impl<T: Into<pb::Value>> From<Option<T>> for pb::Value {
+    fn from(v: Option<T>) -> pb::Value {
+        v.map_or_else(pb::Value::null, Into::into)
+    }
+}
+
 impl pb::Value {
+    fn kind(kind: pb::value::Kind) -> pb::Value {
+        pb::Value { kind: Some(kind) }
+    }
+
     pub fn null() -> pb::Value {
-        pb::Value {
-            kind: Some(pb::value::Kind::Null(true)),
+        pb::Value::kind(pb::value::Kind::Null(true))
+    }
+
+    /// A `numeric` from its decimal text ("12.50"), for values beyond [`Decimal`]'s 28
+    /// digits; the agent checks it.
+    pub fn decimal(text: &str) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Decimal(text.to_string()))
+    }
+
+    /// A `timestamptz`: microseconds since 1970-01-01T00:00:00Z.
+    pub fn timestamptz_micros(us: i64) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Timestamptz(us))
+    }
+
+    /// A `timestamp` (no time zone): microseconds since 1970-01-01T00:00:00.
+    pub fn timestamp_micros(us: i64) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Timestamp(us))
+    }
+
+    /// A `date`: days since 1970-01-01.
+    pub fn date_days(days: i32) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Date(days))
+    }
+
+    pub fn uuid(text: &str) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Uuid(text.to_string()))
+    }
+
+    /// A `json` or `jsonb` value from its JSON text.
+    pub fn json(text: &str) -> pb::Value {
+        pb::Value::kind(pb::value::Kind::Json(text.to_string()))
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self.kind, None | Some(pb::value::Kind::Null(_)))
+    }
+
+    /// A `numeric` result as a [`Decimal`]: `None` if it is not a numeric, an error if it
+    /// does not fit one (NaN, infinities, more than 28 digits: [`pb::Value::as_decimal_text`]
+    /// has it exactly).
+    pub fn as_decimal(&self) -> Option<Result<Decimal, rust_decimal::Error>> {
+        self.as_decimal_text().map(Decimal::from_str_exact)
+    }
+
+    pub fn as_decimal_text(&self) -> Option<&str> {
+        match &self.kind {
+            Some(pb::value::Kind::Decimal(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// A `timestamptz` result in microseconds since the Unix epoch.
+    pub fn as_timestamptz_micros(&self) -> Option<i64> {
+        match self.kind {
+            Some(pb::value::Kind::Timestamptz(v)) => Some(v),
+            _ => None,
         }
     }
 
@@ -588,13 +760,19 @@ mod tests {
         assert!(may_be_lost(&lost));
         let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert!(may_be_lost(&timeout), "{timeout:?}");
-        // Answered by the agent: its final word.
-        assert!(!may_be_lost(&Status::unavailable(
-            "this agent is shutting down"
+        // Answered by the agent, with a reason: its final word.
+        let answered = |code, r| reason::status(code, "answered", r, &[]);
+        assert!(!may_be_lost(&answered(
+            Code::Unavailable,
+            ErrorReason::AgentShuttingDown
         )));
-        assert!(!may_be_lost(&Status::deadline_exceeded(
-            "statement timeout"
+        assert!(!may_be_lost(&answered(
+            Code::DeadlineExceeded,
+            ErrorReason::StatementTimeout
         )));
-        assert!(!may_be_lost(&Status::failed_precondition("out of order")));
+        assert!(!may_be_lost(&answered(
+            Code::FailedPrecondition,
+            ErrorReason::OutOfOrder
+        )));
     }
 }

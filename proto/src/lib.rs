@@ -12,6 +12,7 @@ pub mod heuristic;
 pub mod limits;
 pub mod pki;
 pub mod reason;
+pub mod run;
 pub mod sender;
 pub mod tls;
 
