@@ -23,8 +23,8 @@ use crate::log::{DurableLog, LogError};
 use crate::outcomes::{Archive, Index};
 use crate::peers::Peers;
 use paxos_commit_core::{
-    LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats, TxnError,
-    TxnId, Vote,
+    AbortCause, LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats,
+    TxnError, TxnId, Vote,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -36,14 +36,19 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub outcome: Outcome,
-    pub reason: String,
+    /// Why it aborted, when this replica decided so.
+    pub cause: Option<AbortCause>,
     pub all_applied: bool,
     pub not_applied: Vec<String>,
 }
 
 impl Decision {
     /// The decision as `status` shows it.
-    pub fn from_status(outcome: Outcome, reason: String, status: &LocalStatus) -> Decision {
+    pub fn from_status(
+        outcome: Outcome,
+        cause: Option<AbortCause>,
+        status: &LocalStatus,
+    ) -> Decision {
         let not_applied = if status.finished {
             Vec::new()
         } else {
@@ -56,7 +61,7 @@ impl Decision {
         };
         Decision {
             outcome,
-            reason,
+            cause,
             all_applied: not_applied.is_empty()
                 && (status.finished || !status.participants.is_empty()),
             not_applied,
@@ -110,7 +115,7 @@ pub enum Command {
     },
     Status {
         txn: TxnId,
-        reply: oneshot::Sender<(LocalStatus, Option<String>)>,
+        reply: oneshot::Sender<(LocalStatus, Option<AbortCause>)>,
     },
     Info {
         reply: oneshot::Sender<Info>,
@@ -494,7 +499,7 @@ impl Driver {
                         status.finished = true;
                     }
                 }
-                let answer = (status, self.core.reason(txn).map(str::to_string));
+                let answer = (status, self.core.cause(txn).cloned());
                 self.reply_after_sync(move || {
                     let _ = reply.send(answer);
                 });
@@ -523,8 +528,8 @@ impl Driver {
                 let _ = reply.send(Err(e));
             }
             Ok(Some(outcome)) if until == Until::Decided || self.core.status(txn).finished => {
-                let reason = self.core.reason(txn).unwrap_or_default().to_string();
-                let decision = Decision::from_status(outcome, reason, &self.core.status(txn));
+                let cause = self.core.cause(txn).cloned();
+                let decision = Decision::from_status(outcome, cause, &self.core.status(txn));
                 self.reply_after_sync(move || {
                     let _ = reply.send(Ok(decision));
                 });
@@ -739,14 +744,15 @@ impl Driver {
                 Held::Out(Output::Decided {
                     txn,
                     outcome,
-                    reason,
+                    cause,
                 }) => {
                     if outcome == Outcome::Aborted {
-                        tracing::info!(txid = %txn, reason = %reason, "decided: aborted");
+                        let reason = cause.as_ref().map(ToString::to_string).unwrap_or_default();
+                        tracing::info!(txid = %txn, %reason, "decided: aborted");
                     } else {
                         tracing::debug!(txid = %txn, "decided: committed");
                     }
-                    let decision = Decision::from_status(outcome, reason, &self.core.status(txn));
+                    let decision = Decision::from_status(outcome, cause, &self.core.status(txn));
                     self.on_decided(txn, decision)
                 }
                 Held::Out(Output::Finished { txn, outcome }) => self.on_finished(txn, outcome),
@@ -810,7 +816,7 @@ impl Driver {
     fn on_finished(&mut self, txn: TxnId, outcome: Outcome) {
         let mut decision = self.decided.remove(&txn).unwrap_or(Decision {
             outcome,
-            reason: String::new(),
+            cause: None,
             all_applied: true,
             not_applied: Vec::new(),
         });

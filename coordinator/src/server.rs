@@ -6,12 +6,13 @@
 //! agent speaks only for its own participant (its enlistment, its ballot-0 vote, its
 //! acknowledgement); clients run transactions; operators read and resolve.
 
+use crate::causes::Causes;
 use crate::config::ReplicaConfig;
 use crate::driver::{Command, Decision, Info, Until};
 use crate::error::CoordinatorError;
 use crate::lifecycle::Lifecycle;
 use paxos_commit_core::status::{combine, TxnState};
-use paxos_commit_core::{LocalStatus, Msg, ReplicaId, TxnError, TxnId};
+use paxos_commit_core::{AbortCause, LocalStatus, Msg, ReplicaId, TxnError, TxnId};
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::convert::{
     checked_participants_from_pb, delivered_from_pb, outcome_to_pb, participant_from_pb,
@@ -35,6 +36,8 @@ pub struct Handle {
     peers: Arc<Vec<Option<CoordinatorClient<Channel>>>>,
     gate: Gate,
     life: Arc<Lifecycle>,
+    /// Why participants voted Aborted, as they said.
+    causes: Arc<Causes>,
 }
 
 impl Handle {
@@ -62,6 +65,7 @@ impl Handle {
             commands,
             peers: Arc::new(peers),
             life,
+            causes: Arc::default(),
         })
     }
 
@@ -133,7 +137,7 @@ impl Handle {
                 };
                 match status.decided {
                     Some(outcome) => {
-                        let d = Decision::from_status(outcome, reason.unwrap_or_default(), &status);
+                        let d = Decision::from_status(outcome, reason, &status);
                         tracing::info!(
                             txid = %txn,
                             ?outcome,
@@ -147,14 +151,45 @@ impl Handle {
                 }
             }
         };
+        let cause = decision.cause.as_ref().map(|c| self.cause_to_pb(txn, c));
+        let reason = match (&decision.cause, &cause) {
+            (Some(c), Some(pc)) if !pc.message.is_empty() => format!("{c}: {}", pc.message),
+            (Some(c), _) => c.to_string(),
+            (None, _) => String::new(),
+        };
         Ok(Response::new(pb::DecisionResponse {
             txid: txn.to_string(),
             outcome: outcome_to_pb(decision.outcome),
-            reason: decision.reason,
+            reason,
             all_applied: decision.all_applied,
             not_applied: decision.not_applied,
-            cause: None,
+            cause,
         }))
+    }
+
+    /// An abort's cause as the client sees it: typed, with what the participant said of its
+    /// own Aborted vote when it said something.
+    fn cause_to_pb(&self, txn: TxnId, cause: &AbortCause) -> pb::Cause {
+        use pb::ErrorReason as R;
+        let of = |reason: R, participant: &str| pb::Cause {
+            reason: reason as i32,
+            participant: participant.to_string(),
+            ..Default::default()
+        };
+        match cause {
+            AbortCause::Client => of(R::AbortedByClient, ""),
+            AbortCause::Abandoned | AbortCause::OpenTimeout => of(R::TransactionTimeout, ""),
+            AbortCause::Voted(p) => self
+                .causes
+                .get(txn, p)
+                .unwrap_or_else(|| of(R::ParticipantAborted, p)),
+            // The leader's own ballot filled in a vote that did not come; another replica's
+            // did so because the leader went silent.
+            AbortCause::NoVote(p) if txn.leader() == self.cfg.id => {
+                of(R::ParticipantUnreachable, p)
+            }
+            AbortCause::NoVote(p) => of(R::AbortedByTakeover, p),
+        }
     }
 
     fn until(&self, return_on_decision: bool) -> Until {
@@ -165,7 +200,7 @@ impl Handle {
         }
     }
 
-    async fn local_status(&self, txn: TxnId) -> Result<(LocalStatus, Option<String>), Status> {
+    async fn local_status(&self, txn: TxnId) -> Result<(LocalStatus, Option<AbortCause>), Status> {
         self.ask(|reply| Command::Status { txn, reply }).await
     }
 
@@ -533,8 +568,27 @@ impl Handle {
         let replicas = self.cfg.replicas.len() as u32;
         let mut msgs = Vec::with_capacity(delivered.len());
         let mut others = Vec::new();
-        for d in delivered {
+        for (d, wire) in delivered.into_iter().zip(&batch.messages) {
             let from = authorize(caller, &d, replicas)?;
+            if let (
+                Delivered::Msg(
+                    _,
+                    Msg::Phase2a {
+                        txn,
+                        participant,
+                        ballot: 0,
+                        vote: paxos_commit_core::Vote::Aborted,
+                        ..
+                    },
+                ),
+                Some(pb::paxos_message::Body::Phase2a(pb::Phase2a {
+                    cause: Some(cause), ..
+                })),
+            ) = (&d, &wire.body)
+            {
+                // `authorize` checked that a ballot-0 vote is the participant's own.
+                self.causes.record(*txn, participant, cause);
+            }
             match d {
                 Delivered::Msg(_, msg) => msgs.push((from, msg)),
                 Delivered::Enlist { txn, participant } => {

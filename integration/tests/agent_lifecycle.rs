@@ -144,7 +144,7 @@ async fn sigterm(c: &Cluster, p: &str, grace: Duration) -> Result<(Option<ExitSt
 async fn begin_on(c: &Cluster, leader: usize) -> Result<Transaction> {
     let mut replica = c.client.replica(leader).context("no such replica")?;
     let r = replica
-        .begin(pb::BeginRequest { timeout_ms: 0 })
+        .begin(pb::BeginRequest::default())
         .await?
         .into_inner();
     ensure!(

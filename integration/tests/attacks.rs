@@ -311,10 +311,10 @@ async fn forged_paxos_messages_are_refused() -> Result<()> {
             ballot: 0,
             vote: pb::Vote::Prepared as i32,
             participants: vec![pb::Participant {
-                cause: None,
                 id: B.into(),
                 address: c.agent_addrs[B].clone(),
             }],
+            cause: None,
         });
         expect_code(
             "agent A's vote for B",
@@ -393,7 +393,7 @@ async fn only_certificates_of_the_deployment_get_in() -> Result<()> {
     let mut anon = CoordinatorClient::new(anonymous_channel(&c, &addr)?);
     expect_code(
         "anonymous Begin",
-        anon.begin(pb::BeginRequest { timeout_ms: 0 }).await,
+        anon.begin(pb::BeginRequest::default()).await,
         &[Code::Unauthenticated],
     )?;
     let plaintext = Client::new(&ClientConfig {
@@ -423,7 +423,7 @@ async fn only_certificates_of_the_deployment_get_in() -> Result<()> {
             issued.key_pem.into_bytes(),
         )?);
         let mut coord = CoordinatorClient::new(channel(&addr, tls)?);
-        let r = coord.begin(pb::BeginRequest { timeout_ms: 0 }).await;
+        let r = coord.begin(pb::BeginRequest::default()).await;
         ensure!(
             r.is_err(),
             "a client with an {what} certificate began a transaction"

@@ -196,7 +196,7 @@ async fn commits_on(c: &Cluster, replica: usize) -> Result<()> {
 async fn begin_on(c: &Cluster, replica: usize) -> Result<paxos_commit_proto::client::Transaction> {
     let mut r = c.client.replica(replica).context("no such replica")?;
     let begun = r
-        .begin(pb::BeginRequest { timeout_ms: 0 })
+        .begin(pb::BeginRequest::default())
         .await?
         .into_inner();
     Ok(c.client.transaction(&begun.txid, begun.leader as usize))
@@ -409,7 +409,7 @@ async fn a_stalled_log_device_takes_the_replica_out_of_service() -> Result<()> {
 
     // Begin on it is refused at once, with the reason.
     let started = Instant::now();
-    let refused = ops.begin(pb::BeginRequest { timeout_ms: 0 }).await;
+    let refused = ops.begin(pb::BeginRequest::default()).await;
     assert!(started.elapsed() < Duration::from_secs(1));
     match refused {
         Err(s) => {
@@ -418,7 +418,7 @@ async fn a_stalled_log_device_takes_the_replica_out_of_service() -> Result<()> {
         Ok(r) => bail!("an operator may not begin: {r:?}"),
     }
     let mut as_client = c.client.replica(0).context("replica 0")?;
-    let refused = as_client.begin(pb::BeginRequest { timeout_ms: 0 }).await;
+    let refused = as_client.begin(pb::BeginRequest::default()).await;
     match refused {
         Err(s) => {
             assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");

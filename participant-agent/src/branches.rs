@@ -25,6 +25,7 @@ use futures::TryStreamExt;
 use paxos_commit_core::types::{gid, parse_gid};
 use paxos_commit_core::{Outcome, Participant, TxnId, Vote};
 use paxos_commit_proto::pb;
+use paxos_commit_proto::pb::ErrorReason;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -366,8 +367,8 @@ struct Opened {
 /// How a PREPARE TRANSACTION went.
 enum Prepared {
     Yes,
-    /// Refused, or it did not prepare: the vote is Aborted.
-    No,
+    /// Refused, or it did not prepare: the vote is Aborted, with this cause.
+    No(pb::Cause),
     /// The connection broke: nobody knows.
     Unknown,
 }
@@ -822,7 +823,7 @@ impl Branches {
                 } else {
                     Vote::Aborted
                 };
-                self.coordinators.vote(txn, vote, &participants);
+                self.coordinators.vote(txn, vote, &participants, None);
                 return Ok(());
             }
         };
@@ -831,8 +832,13 @@ impl Branches {
         if let Some(last) = &mut branch.memo().last {
             last.answer = Answer::Forgotten;
         }
+        let mut cause = None;
         let vote = match std::mem::replace(&mut *state, State::Done(Outcome::Aborted)) {
-            State::New { .. } | State::Failed { .. } => Some(Vote::Aborted),
+            State::New { .. } => Some(Vote::Aborted),
+            State::Failed { reason } => {
+                cause = Some(failed_cause(&reason));
+                Some(Vote::Aborted)
+            }
             State::Open {
                 conn, failed: None, ..
             } => match self.prepare_transaction(txn, *conn).await {
@@ -844,7 +850,10 @@ impl Branches {
                     };
                     Some(Vote::Prepared)
                 }
-                Prepared::No => Some(Vote::Aborted),
+                Prepared::No(why) => {
+                    cause = Some(why);
+                    Some(Vote::Aborted)
+                }
                 Prepared::Unknown => {
                     *state = State::Uncertain {
                         participants: participants.clone(),
@@ -855,10 +864,11 @@ impl Branches {
             },
             State::Open {
                 conn,
-                failed: Some(_),
+                failed: Some(reason),
                 ..
             } => {
                 roll_back(*conn).await;
+                cause = Some(failed_cause(&reason));
                 Some(Vote::Aborted)
             }
             prepared @ State::Prepared { .. } => {
@@ -876,7 +886,7 @@ impl Branches {
         };
         drop(state);
         if let Some(vote) = vote {
-            self.coordinators.vote(txn, vote, &participants);
+            self.coordinators.vote(txn, vote, &participants, cause);
         }
         Ok(())
     }
@@ -914,7 +924,11 @@ impl Branches {
                      connection was not in the branch's transaction; voting Aborted"
                 );
                 discard(conn);
-                Prepared::No
+                Prepared::No(cause_of(
+                    ErrorReason::StatementRefused,
+                    "",
+                    "the connection was not in the branch's transaction at PREPARE",
+                ))
             }
             (Ok(()), Err(e)) => {
                 tracing::warn!(%txn, "could not confirm PREPARE TRANSACTION: {e}");
@@ -924,16 +938,18 @@ impl Branches {
             // `assert_branch` found the connection outside the branch's transaction: nothing
             // about this session can be trusted any more.
             (Err(e), _) if e.code() == Some(&SqlState::INVALID_TRANSACTION_STATE) => {
-                tracing::error!(%txn, "not preparing: {}; closing the connection", AgentError::sql(e));
+                let e = AgentError::sql(e);
+                tracing::error!(%txn, "not preparing: {e}; closing the connection");
                 discard(conn);
-                Prepared::No
+                Prepared::No(cause_of(ErrorReason::StatementRefused, "", &e.to_string()))
             }
             // PostgreSQL refused (the proof, or PREPARE itself): the transaction is aborted,
             // and ROLLBACK ends it before the connection goes back.
             (Err(e), _) if e.as_db_error().is_some() => {
-                tracing::info!(%txn, "PREPARE TRANSACTION refused: {}", AgentError::sql(e));
+                let e = AgentError::sql(e);
+                tracing::warn!(%txn, "PREPARE TRANSACTION refused: {e}");
                 roll_back(conn).await;
-                Prepared::No
+                Prepared::No(prepare_refused(&e))
             }
             (Err(e), _) => {
                 tracing::warn!(%txn, "connection lost during PREPARE TRANSACTION: {e}");
@@ -1426,6 +1442,37 @@ fn open_state(
         slot,
     };
     (state, result)
+}
+
+fn cause_of(reason: ErrorReason, sqlstate: &str, message: &str) -> pb::Cause {
+    pb::Cause {
+        reason: reason as i32,
+        participant: String::new(),
+        sqlstate: sqlstate.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// The cause of an Aborted vote for a branch an earlier statement failed.
+fn failed_cause(reason: &str) -> pb::Cause {
+    cause_of(
+        ErrorReason::BranchFailed,
+        "",
+        &format!("an earlier statement failed: {reason}"),
+    )
+}
+
+/// The cause of an Aborted vote when PostgreSQL refused the PREPARE batch. Running out of
+/// resources there is running out of prepared-transaction slots (max_prepared_transactions;
+/// PostgreSQL says 53200, out of memory), which frees up as other transactions finish.
+fn prepare_refused(e: &AgentError) -> pb::Cause {
+    let (reason, sqlstate) = e.reason();
+    let sqlstate = sqlstate.unwrap_or_default();
+    let reason = match sqlstate {
+        "53000" | "53200" => ErrorReason::PreparedTransactionsExhausted,
+        _ => reason,
+    };
+    cause_of(reason, sqlstate, &e.to_string())
 }
 
 /// Tells one statement from another, for a repeat's check (see `Last`). Not a security

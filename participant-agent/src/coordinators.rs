@@ -148,7 +148,13 @@ impl Coordinators {
 
     /// Sends this participant's ballot-0 vote to every acceptor. Lost messages are fine:
     /// recovery (phase 1 of a takeover) settles an instance whose vote did not land.
-    pub fn vote(&self, txn: TxnId, vote: Vote, participants: &[Participant]) {
+    pub fn vote(
+        &self,
+        txn: TxnId,
+        vote: Vote,
+        participants: &[Participant],
+        cause: Option<pb::Cause>,
+    ) {
         let msgs = participant::vote(
             txn,
             &self.me.id,
@@ -158,7 +164,11 @@ impl Coordinators {
         );
         for (r, msg) in msgs {
             if let Some(link) = self.links.get(r as usize) {
-                link.send(msg_to_pb(0, &msg));
+                let mut wire = msg_to_pb(0, &msg);
+                if let Some(pb::paxos_message::Body::Phase2a(p2a)) = &mut wire.body {
+                    p2a.cause.clone_from(&cause);
+                }
+                link.send(wire);
             }
         }
     }

@@ -211,7 +211,7 @@ fn code(e: &AgentError) -> Code {
     {
         match e {
             AgentError::Sql { code, .. } => {
-                let code = match &code[..2.min(code.len())] {
+                match &code[..2.min(code.len())] {
                     // lock timeout: like a deadlock, retryable
                     _ if code == "55P03" => Code::Aborted,
                     // statement_timeout (or a cancel): not a sign that PostgreSQL is down,
@@ -225,8 +225,7 @@ fn code(e: &AgentError) -> Code {
                     "40" => Code::Aborted,
                     "08" | "53" | "57" => Code::Unavailable,
                     _ => Code::FailedPrecondition,
-                };
-                code
+                }
             }
             AgentError::BadRequest(_)
             | AgentError::Refused(_)

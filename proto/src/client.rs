@@ -11,10 +11,10 @@
 
 use crate::convert::outcome_from_pb;
 use crate::pb;
-use crate::pb::ErrorReason;
-use crate::reason;
 use crate::pb::agent_client::AgentClient;
 use crate::pb::coordinator_client::CoordinatorClient;
+use crate::pb::ErrorReason;
+use crate::reason;
 use crate::tls::{Security, Tls};
 use paxos_commit_core::Outcome;
 pub use rust_decimal::Decimal;
@@ -40,7 +40,10 @@ pub enum ClientError {
     /// `run`: the transaction was decided Aborted, for a cause that retrying would not cure
     /// (or after the last attempt).
     #[error("transaction {txid} aborted: {}", .decision.reason)]
-    Aborted { txid: String, decision: Decision },
+    Aborted {
+        txid: String,
+        decision: Box<Decision>,
+    },
     /// An error of the application's own, returned from a `run` closure: the transaction is
     /// aborted and the error handed back as it is.
     #[error(transparent)]

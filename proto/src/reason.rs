@@ -85,7 +85,11 @@ pub fn of_sqlstate(sqlstate: &str) -> ErrorReason {
         "57014" => ErrorReason::StatementTimeout,
         s if s.starts_with("40") => ErrorReason::SerializationFailure,
         s if s.starts_with("23") => ErrorReason::ConstraintViolation,
-        s if s.starts_with("08") || s.starts_with("57P") => ErrorReason::DatabaseUnavailable,
+        // Connection failures, the server shutting down, insufficient resources (too many
+        // connections, out of memory): the database, not the statement.
+        s if s.starts_with("08") || s.starts_with("57P") || s.starts_with("53") => {
+            ErrorReason::DatabaseUnavailable
+        }
         _ => ErrorReason::SqlError,
     }
 }

@@ -170,7 +170,7 @@ impl Client {
             Ok(d) if d.outcome == Outcome::Committed => Attempt::Committed(value, d),
             Ok(decision) => classify(ClientError::Aborted {
                 txid: txid.clone(),
-                decision,
+                decision: Box::new(decision),
             }),
             Err(e) => classify(e),
         };

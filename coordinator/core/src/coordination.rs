@@ -17,6 +17,39 @@ pub enum Phase {
     Decided(Outcome),
 }
 
+/// Why a transaction aborted, as the replica that decided it knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AbortCause {
+    /// The client asked.
+    Client,
+    /// Still open (nothing asked to prepare) when its leader was asked to resolve it.
+    Abandoned,
+    /// Still open at its deadline.
+    OpenTimeout,
+    /// The participant's own (ballot 0) vote was Aborted: it could not prepare.
+    Voted(String),
+    /// A higher ballot (a takeover, or the leader's own recovery) chose Aborted for the
+    /// participant: no Prepared vote of it was known to a majority of acceptors in time.
+    NoVote(String),
+}
+
+impl std::fmt::Display for AbortCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AbortCause::Client => write!(f, "aborted by the client"),
+            AbortCause::Abandoned => write!(f, "abandoned before commit"),
+            AbortCause::OpenTimeout => write!(f, "open past its deadline"),
+            AbortCause::Voted(p) => write!(f, "participant {p} voted Aborted (it did not prepare)"),
+            AbortCause::NoVote(p) => write!(
+                f,
+                "a takeover chose Aborted for participant {p}: no Prepared vote of it was \
+                 known to a majority of acceptors in time (the participant or the leader was \
+                 slow, paused or unreachable)"
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Coordination {
     pub phase: Phase,
@@ -42,7 +75,8 @@ pub struct Coordination {
     pub finished: bool,
     /// Aborted while still open: no acceptor ever heard of it, so none needs telling.
     pub local_only: bool,
-    pub reason: String,
+    /// Why it aborted, when this replica decided so.
+    pub cause: Option<AbortCause>,
     pub since: u64,
 }
 
@@ -60,7 +94,7 @@ impl Coordination {
             applied: BTreeSet::new(),
             finished: false,
             local_only: false,
-            reason: String::new(),
+            cause: None,
             since,
         }
     }
@@ -136,29 +170,25 @@ impl Coordination {
     /// another replica (a takeover) proposes and counts over R alone, so a value chosen for an
     /// instance outside R (which no honest participant sends, see the acceptor) must not
     /// abort here what commits there.
-    pub fn decision(&self) -> Option<(Outcome, String)> {
+    pub fn decision(&self) -> Option<(Outcome, Option<AbortCause>)> {
         if let Some((p, _)) = self
             .chosen
             .iter()
             .find(|(p, v)| **v == Vote::Aborted && self.in_r(p))
         {
-            let reason = if self.aborted_by_takeover.contains(p) {
-                format!(
-                    "a takeover chose Aborted for participant {p}: no Prepared vote of it was \
-                     known to a majority of acceptors in time (the participant or the leader \
-                     was slow, paused or unreachable)"
-                )
+            let cause = if self.aborted_by_takeover.contains(p) {
+                AbortCause::NoVote(p.clone())
             } else {
-                format!("participant {p} voted Aborted (it did not prepare)")
+                AbortCause::Voted(p.clone())
             };
-            return Some((Outcome::Aborted, reason));
+            return Some((Outcome::Aborted, Some(cause)));
         }
         let all_prepared = !self.participants.is_empty()
             && self
                 .participants
                 .keys()
                 .all(|p| self.chosen.get(p) == Some(&Vote::Prepared));
-        all_prepared.then(|| (Outcome::Committed, String::new()))
+        all_prepared.then_some((Outcome::Committed, None))
     }
 
     /// The instances phase 2 of a takeover proposes for.

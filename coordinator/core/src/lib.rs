@@ -25,6 +25,7 @@ pub mod replica;
 pub mod status;
 pub mod types;
 
+pub use coordination::AbortCause;
 pub use msg::{Dest, Msg, Output, Record};
 pub use replica::{Config, LocalStatus, Replica, Stats, TxnError};
 pub use types::{Ballot, Outcome, Participant, ReplicaId, TxnId, Vote};

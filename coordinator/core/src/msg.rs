@@ -4,6 +4,7 @@
 //! acceptor log. Order is the contract: every `Persist` of a step is durable before any
 //! `Send` or `Decided` of that step leaves the process.
 
+use crate::coordination::AbortCause;
 use crate::types::{Ballot, Outcome, Participant, ReplicaId, TxnId, Vote};
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +137,8 @@ pub enum Output {
     Decided {
         txn: TxnId,
         outcome: Outcome,
-        reason: String,
+        /// Why it aborted, when this replica decided it.
+        cause: Option<AbortCause>,
     },
     /// Every participant applied the decision: clients waiting for that can be answered.
     Finished {

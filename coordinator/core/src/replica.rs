@@ -8,7 +8,7 @@
 //! stateright model.
 
 use crate::acceptor::{AcceptorTxn, Reply};
-use crate::coordination::{Coordination, Phase};
+use crate::coordination::{AbortCause, Coordination, Phase};
 use crate::msg::{Dest, Msg, Output, Record};
 use crate::types::{
     ballot_in_range, ballot_of, ballot_owner, majority, max_round, Ballot, Outcome, Participant,
@@ -344,7 +344,7 @@ impl Replica {
             // Nothing to prepare: a transaction that touched no database commits trivially,
             // and nothing is left to apply, so it is finished too: a Commit waiting for the
             // participants' confirmations must not wait for ones that never come.
-            self.decide(now, txn, Outcome::Committed, String::new());
+            self.decide(now, txn, Outcome::Committed, None);
             self.check_finished(now, txn);
             self.deliver_loopback(now);
             return Ok(Some(Outcome::Committed));
@@ -372,7 +372,7 @@ impl Replica {
         }
         match self.coordination.get(&txn).map(|c| c.phase) {
             Some(Phase::Open) => {
-                self.decide(now, txn, Outcome::Aborted, "aborted by the client".into());
+                self.decide(now, txn, Outcome::Aborted, Some(AbortCause::Client));
                 Ok(Some(Outcome::Aborted))
             }
             _ => self.resolve(now, txn, None, &[]),
@@ -435,7 +435,7 @@ impl Replica {
             .is_some_and(|c| c.phase == Phase::Open)
         {
             // Nothing was asked to prepare yet; the leader may abort on its own.
-            self.decide(now, txn, Outcome::Aborted, "abandoned before commit".into());
+            self.decide(now, txn, Outcome::Aborted, Some(AbortCause::Abandoned));
             return Ok(Some(Outcome::Aborted));
         }
         let coord = self.takeover_state(now, txn);
@@ -628,7 +628,7 @@ impl Replica {
                             self.out.push(Output::Decided {
                                 txn,
                                 outcome,
-                                reason: String::new(),
+                                cause: None,
                             });
                         }
                         c.settle(outcome);
@@ -749,8 +749,8 @@ impl Replica {
         if !coord.tally_2b(from, participant, ballot, vote, replicas) {
             return;
         }
-        if let Some((outcome, reason)) = coord.decision() {
-            self.decide(now, txn, outcome, reason);
+        if let Some((outcome, cause)) = coord.decision() {
+            self.decide(now, txn, outcome, cause);
         }
     }
 
@@ -809,7 +809,7 @@ impl Replica {
             .is_some_and(|c| c.participants.keys().all(|p| c.applied.contains(p)));
         match coord_phase {
             Some(Phase::Open) => {
-                self.decide(now, txn, Outcome::Aborted, "open past its deadline".into());
+                self.decide(now, txn, Outcome::Aborted, Some(AbortCause::OpenTimeout));
             }
             Some(Phase::Decided(_)) if all_applied || acc_finished => self.forget(txn),
             _ if acc_finished => self.forget(txn),
@@ -904,7 +904,7 @@ impl Replica {
         self.arm(txn, now.saturating_add(delay));
     }
 
-    fn decide(&mut self, now: u64, txn: TxnId, outcome: Outcome, reason: String) {
+    fn decide(&mut self, now: u64, txn: TxnId, outcome: Outcome, cause: Option<AbortCause>) {
         let replicas = self.cfg.replicas;
         let Some(coord) = self.coordination.get_mut(&txn) else {
             return;
@@ -915,12 +915,12 @@ impl Replica {
         let was_open = coord.phase == Phase::Open;
         coord.local_only = was_open;
         coord.settle(outcome);
-        coord.reason = reason.clone();
+        coord.cause = cause.clone();
         let participants = coord.participant_list();
         self.out.push(Output::Decided {
             txn,
             outcome,
-            reason,
+            cause,
         });
         if was_open {
             // No acceptor heard of an open transaction, so only this replica knows it aborted:
@@ -1020,7 +1020,7 @@ impl Replica {
                 self.out.push(Output::Decided {
                     txn,
                     outcome,
-                    reason: String::new(),
+                    cause: None,
                 });
             }
         }
@@ -1149,12 +1149,9 @@ impl Replica {
         self.out.hash(h);
     }
 
-    /// Reason recorded with the decision, when this replica decided it.
-    pub fn reason(&self, txn: TxnId) -> Option<&str> {
-        self.coordination
-            .get(&txn)
-            .map(|c| c.reason.as_str())
-            .filter(|r| !r.is_empty())
+    /// Why it aborted, when this replica decided so.
+    pub fn cause(&self, txn: TxnId) -> Option<&AbortCause> {
+        self.coordination.get(&txn).and_then(|c| c.cause.as_ref())
     }
 
     pub fn stats(&self) -> Stats {

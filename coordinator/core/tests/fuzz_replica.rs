@@ -816,7 +816,7 @@ impl Sim {
                     if let Some(rep) = self.replicas[r as usize].as_ref() {
                         for t in txns {
                             let _ = rep.status(t);
-                            let _ = rep.reason(t);
+                            let _ = rep.cause(t);
                             let _ = rep.open_deadline(t);
                         }
                         let _ = rep.stats();

@@ -503,7 +503,7 @@ fn fault_free_commit_exact_outputs() {
             v.push(Output::Decided {
                 txn,
                 outcome: Outcome::Committed,
-                reason: String::new(),
+                cause: None,
             });
             for to in 1..replicas {
                 v.push(Output::Send {
@@ -676,7 +676,7 @@ fn one_aborted_vote_aborts() {
         assert_eq!(unanimous(&sim), Some(Outcome::Aborted));
         assert!(sim.events.iter().any(|(_, o)| matches!(
             o,
-            Output::Decided { reason, .. } if reason.contains("participant b")
+            Output::Decided { cause: Some(paxos_commit_core::AbortCause::Voted(p)), .. } if p == "b"
         )));
         sim.deliver_all();
         assert!(all_agents_got(&sim, Outcome::Aborted));
