@@ -12,6 +12,7 @@
 //! * [`error`] — typed errors and their gRPC status;
 //! * [`ops`] — what txctl asks of a whole deployment.
 
+pub mod begins;
 pub mod causes;
 pub mod config;
 pub mod dirlock;

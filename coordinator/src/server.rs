@@ -6,6 +6,7 @@
 //! agent speaks only for its own participant (its enlistment, its ballot-0 vote, its
 //! acknowledgement); clients run transactions; operators read and resolve.
 
+use crate::begins::{Begins, Begun, MAX_KEY_BYTES};
 use crate::causes::Causes;
 use crate::config::ReplicaConfig;
 use crate::driver::{Command, Decision, Info, Until};
@@ -38,6 +39,8 @@ pub struct Handle {
     life: Arc<Lifecycle>,
     /// Why participants voted Aborted, as they said.
     causes: Arc<Causes>,
+    /// Idempotency keys of Begin. An async lock: two Begins with one key must not both miss.
+    begins: Arc<tokio::sync::Mutex<Begins>>,
 }
 
 impl Handle {
@@ -66,6 +69,7 @@ impl Handle {
             peers: Arc::new(peers),
             life,
             causes: Arc::default(),
+            begins: Arc::default(),
         })
     }
 
@@ -192,6 +196,29 @@ impl Handle {
         }
     }
 
+    async fn begin_one(&self, timeout_ms: u64) -> Result<Begun, Status> {
+        let (txn, deadline_unix_ms) = self
+            .ask(|reply| Command::Begin { timeout_ms, reply })
+            .await?
+            .ok_or_else(|| {
+                paxos_commit_proto::reason::status(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "this replica leads {} open transactions already \
+                         (max_open_transactions); commit or abort some, or begin on another \
+                         replica",
+                        self.cfg.max_open_transactions
+                    ),
+                    pb::ErrorReason::TooManyTransactions,
+                    &[],
+                )
+            })?;
+        Ok(Begun {
+            txn,
+            deadline_unix_ms,
+        })
+    }
+
     fn until(&self, return_on_decision: bool) -> Until {
         if return_on_decision || self.cfg.return_on_decision {
             Until::Decided
@@ -275,34 +302,48 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
-        let _admitted = self
+        let (caller, _permit) = self
             .gate
             .admit(&req, "Coordinator.Begin", &[Kind::Client])?;
         self.life.admit_begin()?;
-        let timeout_ms = req.into_inner().timeout_ms;
-        let (txn, deadline) = self
-            .ask(|reply| Command::Begin { timeout_ms, reply })
-            .await?
-            .ok_or_else(|| {
-                paxos_commit_proto::reason::status(
-                    tonic::Code::ResourceExhausted,
-                    format!(
-                        "this replica leads {} open transactions already \
-                         (max_open_transactions); commit or abort some, or begin on another \
-                         replica",
-                        self.cfg.max_open_transactions
-                    ),
-                    pb::ErrorReason::TooManyTransactions,
-                    &[],
-                )
-            })?;
-        Ok(Response::new(pb::BeginResponse {
-            txid: txn.to_string(),
+        let req = req.into_inner();
+        let key = req.idempotency_key;
+        if key.len() > MAX_KEY_BYTES {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "the idempotency key is {} bytes long; at most {MAX_KEY_BYTES}",
+                key.len()
+            ))
+            .into());
+        }
+        let response = |begun: Begun, existing| pb::BeginResponse {
+            txid: begun.txn.to_string(),
             leader: self.cfg.id,
             leader_address: self.cfg.replicas[self.cfg.id as usize].clone(),
-            deadline_unix_ms: deadline,
-            existing: false,
-        }))
+            deadline_unix_ms: begun.deadline_unix_ms,
+            existing,
+        };
+        if key.is_empty() {
+            let begun = self.begin_one(req.timeout_ms).await?;
+            return Ok(Response::new(response(begun, false)));
+        }
+        let mut begins = self.begins.lock().await;
+        let now = std::time::Instant::now();
+        if let Some(begun) = begins.get(&caller.name(), &key, now) {
+            return Ok(Response::new(response(begun, true)));
+        }
+        let begun = self.begin_one(req.timeout_ms).await?;
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let open_for = Duration::from_millis(begun.deadline_unix_ms.saturating_sub(now_unix_ms));
+        begins.insert(
+            &caller.name(),
+            &key,
+            begun,
+            now,
+            open_for + self.cfg.retention,
+        );
+        Ok(Response::new(response(begun, false)))
     }
 
     async fn prepare(

@@ -560,6 +560,18 @@ impl PgCluster {
             .with_context(|| format!("restarting cluster {} on port {}", self.name, self.port))
     }
 
+    /// Sets a server setting that takes a restart (max_prepared_transactions, say), kept
+    /// across later restarts, and restarts the server cleanly.
+    pub fn set_and_restart(&self, name: &str, value: &str) -> Result<()> {
+        let path = self.data_dir().join(CONF_FILE);
+        let mut text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        text.push_str(&format!("{name} = {value}\n"));
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        self.stop_fast()?;
+        self.start_again()
+    }
+
     /// Crash and recover: [`PgCluster::stop_immediate`] then [`PgCluster::start_again`].
     pub fn restart(&self) -> Result<()> {
         self.stop_immediate()?;

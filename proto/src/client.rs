@@ -295,7 +295,11 @@ impl Client {
                 Ok(r) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     let r = r.into_inner();
-                    return Ok(Transaction::new(self, r.txid, r.leader as usize, true));
+                    // A transaction begun before (the same idempotency key) may have used
+                    // statement numbers this handle does not know: it sends them unnumbered,
+                    // as a resumed handle does.
+                    let numbered = !r.existing;
+                    return Ok(Transaction::new(self, r.txid, r.leader as usize, numbered));
                 }
                 // A replica at its limit of open transactions, stopping, degraded or too slow
                 // to answer: another may serve. (A Begin that took effect unanswered costs
