@@ -7,7 +7,7 @@ use paxos_commit_core::Outcome;
 use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_proto::client::ClientError;
-use paxos_commit_proto::pb;
+use paxos_commit_proto::pb::{self, ErrorReason};
 use std::time::Duration;
 use tonic::Code;
 
@@ -278,11 +278,13 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
         matches!(&err, ClientError::Rpc(s) | ClientError::OutcomeUnknown { status: s, .. } if s.code() == Code::NotFound),
         "{err:?}"
     );
+    assert_eq!(err.reason(), Some(ErrorReason::UnknownTransaction), "{err}");
     let err = ghost
         .execute(A, "UPDATE accounts SET balance = 0", &[])
         .await
         .expect_err("unknown txid on an agent");
     assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    assert_eq!(err.reason(), Some(ErrorReason::UnknownTransaction), "{err}");
 
     // A malformed txid.
     let err = c
@@ -292,6 +294,7 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
         .await
         .expect_err("malformed txid");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert_eq!(err.reason(), Some(ErrorReason::InvalidArgument), "{err}");
 
     // Malformed SQL: refused, and the transaction can only abort.
     let txn = c.client.begin().await?;
@@ -307,8 +310,13 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
         .expect_err("syntax error");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
     assert!(err.to_string().contains("syntax"), "{err}");
+    // Refused by the agent's own parser, before PostgreSQL saw it.
+    assert_eq!(err.reason(), Some(ErrorReason::StatementRefused), "{err}");
     let d = txn.commit().await?;
     assert_eq!(d.outcome, Outcome::Aborted);
+    eprintln!("aborted: {d:?}");
+    assert_eq!(d.cause_reason(), ErrorReason::BranchFailed, "{d:?}");
+    assert_eq!(d.cause.as_ref().map(|c| c.participant.as_str()), Some(B));
 
     // Transaction control smuggled into a branch.
     let txn = c.client.begin().await?;
@@ -317,6 +325,7 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
         .await
         .expect_err("COMMIT refused");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert_eq!(err.reason(), Some(ErrorReason::StatementRefused), "{err}");
     txn.abort().await?;
 
     // Wrong parameter count.
@@ -330,6 +339,7 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
         .await
         .expect_err("parameter count");
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert_eq!(err.reason(), Some(ErrorReason::InvalidArgument), "{err}");
     txn.abort().await?;
 
     // Execute after Commit.
@@ -347,6 +357,7 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
             .await
             .expect_err("execute after commit");
         assert_eq!(err.code(), Some(Code::FailedPrecondition), "{p}: {err}");
+        assert_eq!(err.reason(), Some(ErrorReason::TransactionClosed), "{p}: {err}");
     }
 
     // An unknown participant.
@@ -356,6 +367,7 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
         .await
         .expect_err("unknown participant");
     assert!(matches!(err, ClientError::UnknownParticipant(_)), "{err}");
+    assert_eq!(err.reason(), Some(ErrorReason::UnknownParticipant), "{err}");
     txn.abort().await?;
 
     // Nothing was applied anywhere.

@@ -494,6 +494,26 @@ impl Branches {
         }
     }
 
+    /// A statement after the first for a branch this agent does not hold: the branch
+    /// finished here (prepared, or committed and forgotten), or statement 1 never arrived.
+    /// PostgreSQL tells the first apart, so that the client hears "closed", not "out of
+    /// order".
+    async fn no_branch(&self, txn: TxnId, seq: u64) -> AgentError {
+        if self.is_prepared(txn).await.unwrap_or(false) {
+            return AgentError::Closed {
+                txn,
+                state: "prepared",
+            };
+        }
+        if self.has_commit_proof(txn).await.unwrap_or(false) {
+            return AgentError::Closed {
+                txn,
+                state: "committed",
+            };
+        }
+        self.out_of_order(txn, seq, None)
+    }
+
     /// Runs one statement in `txn`'s branch, opening the branch (and enlisting with the
     /// leader) on the first one. `seq` numbers the statement (`ExecuteRequest.seq`): the
     /// last one run is answered again from memory, only the next one runs; 0 runs without
@@ -512,7 +532,7 @@ impl Branches {
                 Some(b) => b,
                 // Only statement 1 opens a branch: a later one with none here follows a
                 // first statement that never arrived, or failed and left nothing.
-                None if seq > 1 => return Err(self.out_of_order(txn, seq, None)),
+                None if seq > 1 => return Err(self.no_branch(txn, seq).await),
                 None => self.branch_for(txn)?,
             };
             let mut state = branch.state.lock().await;
