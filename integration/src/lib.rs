@@ -26,3 +26,4 @@ pub mod nemesis;
 pub mod pg;
 pub mod process;
 pub mod proxy;
+pub mod python;

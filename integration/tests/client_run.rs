@@ -20,18 +20,19 @@ const B: &str = "bank_b";
 
 async fn deployment(name: &str) -> Result<Cluster> {
     let c = Cluster::start(Spec::new(name, 1, &[A, B])).await?;
-    bank::create_accounts(&c, 4, 1_000).await?;
+    bank::create_accounts(&c, 8, 1_000).await?;
     Ok(c)
 }
 
-/// The README's transfer with `run`.
-async fn transfer(client: &Client, amount: i64) -> Result<(), ClientError> {
+/// The README's transfer with `run` (a whole amount, for the bigint balances).
+async fn transfer(client: &Client, amount: Decimal) -> Result<(), ClientError> {
     client
         .run(|txn| async move {
             let sql = "UPDATE accounts SET balance = balance + $1 WHERE id = $2";
-            txn.execute(A, sql, &[(-amount).into(), 1i64.into()])
+            txn.execute("bank_a", sql, &[(-amount).into(), 1i64.into()])
                 .await?;
-            txn.execute(B, sql, &[amount.into(), 1i64.into()]).await?;
+            txn.execute("bank_b", sql, &[amount.into(), 7i64.into()])
+                .await?;
             Ok(())
         })
         .await
@@ -40,7 +41,7 @@ async fn transfer(client: &Client, amount: i64) -> Result<(), ClientError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_retries_a_transfer_until_prepared_transactions_free_up() -> Result<()> {
     let c = deployment("run-exhausted").await?;
-    transfer(&c.client, 5).await?;
+    transfer(&c.client, "5.00".parse()?).await?;
 
     // bank_b allows 4 prepared transactions, and an operator's tool holds all of them.
     c.pg(B)?.set_and_restart("max_prepared_transactions", "4")?;
@@ -104,6 +105,7 @@ async fn run_retries_a_transfer_until_prepared_transactions_free_up() -> Result<
     assert_eq!(bank::balance(&c, A, 2).await?, 993);
     assert_eq!(bank::balance(&c, B, 2).await?, 1_007);
     assert_eq!(bank::balance(&c, A, 1).await?, 995);
+    assert_eq!(bank::balance(&c, B, 7).await?, 1_005);
     c.wait_no_prepared(Duration::from_secs(10)).await
 }
 

@@ -6,7 +6,7 @@
 //! The Python environment is made once per target directory (see `integration::python`); a
 //! machine that cannot make it fails these tests.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use paxos_commit_integration::bank;
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::python;
@@ -24,10 +24,12 @@ async fn deployment(name: &str) -> Result<Cluster> {
     Ok(c)
 }
 
-/// Runs `python <args>` against `c` as the client `client/python`.
+/// Runs `python <args>` against `c` as the client `client/python`; a failure shows the
+/// servers' logs too.
 fn python(c: &Cluster, args: &[&str]) -> Result<String> {
     let env = python::client_env(c, "python")?;
     tokio::task::block_in_place(|| python::run(args, &env))
+        .with_context(|| format!("the servers' logs:\n{}", c.logs_tail(40)))
 }
 
 async fn balances(c: &Cluster, p: &str, accounts: &[i32]) -> Result<Vec<i64>> {
@@ -187,9 +189,9 @@ async fn crossing_transfers_are_retried_to_success() -> Result<()> {
 async fn begin_keys_status_prepare_and_typed_refusals() -> Result<()> {
     let c = deployment("py-api").await?;
     python(&c, &["tests/cluster_api.py"])?;
-    // One commit_fast credit of 1 on account 4; one prepared-then-committed credit of 1 on
-    // account 5 of each database.
-    ensure!(balances(&c, A, &[4, 5]).await? == [BALANCE + 1, BALANCE + 1]);
+    // Credits of 1: commit_fast on account 4, prepare then commit on account 5 of each
+    // database, the keyed transaction on account 6.
+    ensure!(balances(&c, A, &[4, 5, 6]).await? == [BALANCE + 1, BALANCE + 1, BALANCE + 1]);
     ensure!(bank::balance(&c, B, 5).await? == BALANCE + 1);
     c.wait_no_prepared(Duration::from_secs(5)).await
 }

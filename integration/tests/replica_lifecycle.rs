@@ -195,10 +195,7 @@ async fn commits_on(c: &Cluster, replica: usize) -> Result<()> {
 /// Begins a transaction on one replica.
 async fn begin_on(c: &Cluster, replica: usize) -> Result<paxos_commit_proto::client::Transaction> {
     let mut r = c.client.replica(replica).context("no such replica")?;
-    let begun = r
-        .begin(pb::BeginRequest::default())
-        .await?
-        .into_inner();
+    let begun = r.begin(pb::BeginRequest::default()).await?.into_inner();
     Ok(c.client.transaction(&begun.txid, begun.leader as usize))
 }
 

@@ -357,7 +357,11 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
             .await
             .expect_err("execute after commit");
         assert_eq!(err.code(), Some(Code::FailedPrecondition), "{p}: {err}");
-        assert_eq!(err.reason(), Some(ErrorReason::TransactionClosed), "{p}: {err}");
+        assert_eq!(
+            err.reason(),
+            Some(ErrorReason::TransactionClosed),
+            "{p}: {err}"
+        );
     }
 
     // An unknown participant.

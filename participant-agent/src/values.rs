@@ -132,6 +132,17 @@ fn json_to_pg(text: &str, ty: &Type) -> Vec<u8> {
     out
 }
 
+/// A decimal string's value as an integer, when it has no fraction ("30", "30.00").
+fn integral(text: &str) -> Option<i64> {
+    let t = text.trim();
+    let whole = match t.split_once('.') {
+        Some((whole, frac)) if frac.bytes().all(|b| b == b'0') => whole,
+        Some(_) => return None,
+        None => t,
+    };
+    whole.parse().ok()
+}
+
 fn numeric_to_pg(text: &str) -> Result<Vec<u8>, String> {
     let mut out = BytesMut::new();
     crate::numeric::encode(text, &mut out)?;
@@ -201,10 +212,7 @@ pub fn param(index: usize, value: &pb::Value, ty: &Type) -> Result<Param, String
                 Param::Raw(numeric_to_pg(v).map_err(|e| mismatch("a decimal") + ": " + &e)?)
             }
             Type::INT2 | Type::INT4 | Type::INT8 => {
-                let i: i64 = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| mismatch("a decimal with a fraction"))?;
+                let i = integral(v).ok_or_else(|| mismatch("a decimal with a fraction"))?;
                 return param(index, &pb::Value::from(i), ty);
             }
             _ if is_text => Param::Text(v.clone()),
@@ -475,6 +483,10 @@ mod tests {
         ));
         assert!(param(0, &v(Kind::Float(0.1)), &Type::NUMERIC).is_err());
         assert!(param(0, &v(Kind::Decimal("1.5".into())), &Type::INT8).is_err());
+        assert!(matches!(
+            param(0, &v(Kind::Decimal("-30.00".into())), &Type::INT8),
+            Ok(Param::I64(-30))
+        ));
         assert!(matches!(
             param(0, &v(Kind::Decimal("15".into())), &Type::INT8),
             Ok(Param::I64(15))

@@ -17,7 +17,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 if TYPE_CHECKING:
-    from .client import Decision
+    from .outcomes import Decision
 
 DOMAIN = "paxos-commit"
 DETAILS_TRAILER = "grpc-status-details-bin"
@@ -33,6 +33,7 @@ TRANSIENT_REASONS = frozenset(
         "AGENT_BUSY",
         "AGENT_SHUTTING_DOWN",
         "TOO_MANY_TRANSACTIONS",
+        "OVERLOADED",
         "REPLICA_UNAVAILABLE",
         "DATABASE_UNAVAILABLE",
         "PARTICIPANT_UNREACHABLE",
@@ -158,7 +159,8 @@ class TransactionAborted(PaxosCommitError):
 
     `cause` says why when the deciding replica knew, and then `reason`, `sqlstate` and
     `participant` are the cause's, so `transient` tells whether running it again may help.
-    `decision` is the Commit's answer, when there was one.
+    `decision` is the Commit's answer, when there was one. `retryable` overrides that
+    judgement where the client knows better than the reason (see retry.py).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class TransactionAborted(PaxosCommitError):
         from_transport: bool = False,
         cause: Optional[Cause] = None,
         decision: Optional["Decision"] = None,
+        retryable: Optional[bool] = None,
     ) -> None:
         if cause is not None and cause.reason != "ERROR_REASON_UNSPECIFIED":
             reason, sqlstate, participant = cause.reason, cause.sqlstate, cause.participant
@@ -187,6 +190,13 @@ class TransactionAborted(PaxosCommitError):
         )
         self.cause = cause
         self.decision = decision
+        self._retryable = retryable
+
+    @property
+    def transient(self) -> bool:
+        if self._retryable is not None:
+            return self._retryable
+        return is_transient(self.reason)
 
 
 def error_info(trailing_metadata: Any) -> Optional[ErrorInfo]:
