@@ -315,7 +315,8 @@ async fn bad_input_gets_a_clear_status_and_applies_nothing() -> Result<()> {
     let d = txn.commit().await?;
     assert_eq!(d.outcome, Outcome::Aborted);
     eprintln!("aborted: {d:?}");
-    assert_eq!(d.cause_reason(), ErrorReason::BranchFailed, "{d:?}");
+    // The cause is the failed statement's own.
+    assert_eq!(d.cause_reason(), ErrorReason::StatementRefused, "{d:?}");
     assert_eq!(d.cause.as_ref().map(|c| c.participant.as_str()), Some(B));
 
     // Transaction control smuggled into a branch.

@@ -107,14 +107,14 @@ enum State {
     /// `failed` once a statement failed (the branch can then only roll back).
     Open {
         conn: Box<Object>,
-        failed: Option<String>,
+        failed: Option<pb::Cause>,
         started: PgTimestamp,
         slot: OwnedSemaphorePermit,
     },
     /// A statement left the branch's transaction. Its connection was closed (PostgreSQL
     /// rolled back whatever it still had open); the branch can only abort.
     Failed {
-        reason: String,
+        reason: pb::Cause,
     },
     /// `PREPARE TRANSACTION` succeeded; the vote was Prepared.
     Prepared {
@@ -674,19 +674,25 @@ impl Branches {
                 started,
                 slot,
             } => {
+                let message = reason.message.clone();
                 *state = State::Open {
-                    failed: Some(reason.clone()),
+                    failed: Some(reason),
                     conn,
                     started,
                     slot,
                 };
-                Err(AgentError::BranchFailed { txn, reason })
+                Err(AgentError::BranchFailed {
+                    txn,
+                    reason: message,
+                })
             }
             State::Failed { reason } => {
-                *state = State::Failed {
-                    reason: reason.clone(),
-                };
-                Err(AgentError::BranchFailed { txn, reason })
+                let message = reason.message.clone();
+                *state = State::Failed { reason };
+                Err(AgentError::BranchFailed {
+                    txn,
+                    reason: message,
+                })
             }
             other => {
                 let name = other.name();
@@ -707,7 +713,7 @@ impl Branches {
         state: &mut State,
         e: AgentError,
     ) -> AgentError {
-        let reason = e.to_string();
+        let reason = failure(&e);
         match std::mem::replace(state, State::Done(Outcome::Aborted)) {
             State::New { slot } => {
                 drop(slot);
@@ -1447,11 +1453,11 @@ fn open_state(
     let (failed, result) = match first {
         Verdict::Done(resp) => (None, Ok(resp)),
         Verdict::Refused(e) => (None, Err(e)),
-        Verdict::Failed(e) => (Some(e.to_string()), Err(e)),
+        Verdict::Failed(e) => (Some(failure(&e)), Err(e)),
         Verdict::Escaped(e) => {
             tracing::error!("{e}; closing its connection");
             discard(conn);
-            let reason = e.to_string();
+            let reason = failure(&e);
             return (State::Failed { reason }, Err(e));
         }
     };
@@ -1473,13 +1479,21 @@ fn cause_of(reason: ErrorReason, sqlstate: &str, message: &str) -> pb::Cause {
     }
 }
 
-/// The cause of an Aborted vote for a branch an earlier statement failed.
-fn failed_cause(reason: &str) -> pb::Cause {
-    cause_of(
-        ErrorReason::BranchFailed,
-        "",
-        &format!("an earlier statement failed: {reason}"),
-    )
+/// What made a branch fail, kept for the cause of its Aborted vote.
+fn failure(e: &AgentError) -> pb::Cause {
+    let (reason, sqlstate) = e.reason();
+    cause_of(reason, sqlstate.unwrap_or_default(), &e.to_string())
+}
+
+/// The cause of an Aborted vote for a branch a statement failed: that statement's own
+/// reason and SQLSTATE (a deadlock victim is worth running again, a CHECK violation not).
+fn failed_cause(failed: &pb::Cause) -> pb::Cause {
+    let mut cause = failed.clone();
+    if cause.reason == ErrorReason::Unspecified as i32 {
+        cause.reason = ErrorReason::BranchFailed as i32;
+    }
+    cause.message = format!("a statement failed: {}", failed.message);
+    cause
 }
 
 /// The cause of an Aborted vote when PostgreSQL refused the PREPARE batch. Running out of

@@ -96,9 +96,14 @@ impl ClientError {
         }
     }
 
-    /// Whether running the whole transaction again may succeed (see [`reason::is_transient`]).
+    /// Whether running the whole transaction again may succeed (see [`reason::is_transient`]);
+    /// also a call that failed in transport even after `execute`'s own retries (the
+    /// transaction is aborted before it runs again, so nothing is applied twice).
     pub fn is_transient(&self) -> bool {
-        self.reason().is_some_and(reason::is_transient)
+        match self {
+            ClientError::Rpc(s) if reason::of(s).is_none() => may_be_lost(s),
+            _ => self.reason().is_some_and(reason::is_transient),
+        }
     }
 
     /// Wraps an application's own error for a `run` closure.
