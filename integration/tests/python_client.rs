@@ -10,6 +10,9 @@ use anyhow::{ensure, Context, Result};
 use paxos_commit_integration::bank;
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::python;
+use paxos_commit_proto::pb::ErrorReason;
+use paxos_commit_proto::reason;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 const A: &str = "bank_a";
@@ -56,6 +59,27 @@ fn python_unit_tests() -> Result<()> {
         &[],
     )
     .map(drop)
+}
+
+/// The Python client retries exactly the reasons the Rust side calls transient.
+#[test]
+fn python_retries_the_same_reasons_as_rust() -> Result<()> {
+    let rust: BTreeSet<String> = (0..128)
+        .filter_map(|i| ErrorReason::try_from(i).ok())
+        .filter(|r| reason::is_transient(*r))
+        .map(|r| r.as_str_name().to_string())
+        .collect();
+    let out = python::run(
+        &[
+            "-c",
+            "from paxos_commit.errors import TRANSIENT_REASONS; \
+             print('\\n'.join(sorted(TRANSIENT_REASONS)))",
+        ],
+        &[],
+    )?;
+    let python: BTreeSet<String> = out.lines().map(str::to_string).collect();
+    ensure!(rust == python, "Rust: {rust:?}\nPython: {python:?}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
