@@ -595,6 +595,9 @@ async fn finish(
             }
             Err(s) if is_unreachable(&s) => last = s,
             Err(s) if s.code() == Code::NotFound && k > 0 => last = s,
+            Err(s) if reason::of(&s).is_some_and(|r| r.reason == ErrorReason::NotLeader) => {
+                last = s
+            }
             Err(s) if s.code() == Code::DeadlineExceeded || is_outcome_unknown(&s) => {
                 return Err(ClientError::OutcomeUnknown {
                     txid: txid.to_string(),
