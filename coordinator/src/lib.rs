@@ -118,6 +118,8 @@ pub async fn serve(
             .tls_config(tls.server_config())
             .map_err(|e| CoordinatorError::InvalidArgument(format!("TLS: {e}")))?;
     }
+    let reflection = paxos_commit_proto::reflection_service()
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("reflection: {e}")))?;
     let stop = drain_on(shutdown, life.clone(), tx, cfg.drain_timeout);
     let max = paxos_commit_proto::limits::MAX_MESSAGE_BYTES;
     let serving = server
@@ -125,6 +127,7 @@ pub async fn serve(
         .layer(paxos_commit_proto::reason::ReasonLayer)
         .layer(paxos_commit_proto::limits::layer())
         .add_service(health)
+        .add_service(reflection)
         .add_service(CoordinatorServer::new(handle.clone()).max_decoding_message_size(max))
         .add_service(AcceptorServer::new(handle).max_decoding_message_size(max))
         .serve_with_shutdown(addr, stop);

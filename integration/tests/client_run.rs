@@ -305,7 +305,14 @@ async fn an_unsupported_type_is_refused_before_it_has_an_effect() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn begin_with_an_idempotency_key_returns_the_same_transaction() -> Result<()> {
-    let c = deployment("run-idempotent").await?;
+    // (And the logs: bank_b's agent logs JSON lines, and no log holds a colour code.)
+    let mut spec = Spec::new("run-idempotent", 1, &[A, B]);
+    spec.agent_env
+        .entry(B.to_string())
+        .or_default()
+        .push(("PAXOS_COMMIT_LOG_FORMAT".into(), "json".into()));
+    let c = Cluster::start(spec).await?;
+    bank::create_accounts(&c, 8, 1_000).await?;
     let first = c.client.begin_idempotent("order-1234").await?;
     first
         .execute(
@@ -356,5 +363,22 @@ async fn begin_with_an_idempotency_key_returns_the_same_transaction() -> Result<
         pb::TxnState::try_from(status.state),
         Ok(pb::TxnState::Committed)
     );
+
+    let logs = c.logs_tail(10_000);
+    ensure!(
+        !logs.contains('\x1b'),
+        "colour codes in a log file:\n{logs}"
+    );
+    let json = c.agent(B)?.log_tail(10_000);
+    let lines: Vec<&str> = json.lines().filter(|l| l.starts_with('{')).collect();
+    ensure!(!lines.is_empty(), "no JSON log lines:\n{json}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not a JSON log line: {line}"))?;
+        ensure!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+    }
     Ok(())
 }

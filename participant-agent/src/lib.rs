@@ -164,6 +164,8 @@ pub async fn serve(
             .tls_config(tls.server_config())
             .map_err(|e| ServeError::Startup(format!("TLS: {e}")))?;
     }
+    let reflection = paxos_commit_proto::reflection_service()
+        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
     let service = AgentService {
         branches,
         gate: Gate::new(&cfg.security, cfg.max_concurrent_calls),
@@ -174,6 +176,7 @@ pub async fn serve(
         .layer(paxos_commit_proto::reason::ReasonLayer)
         .layer(paxos_commit_proto::limits::layer())
         .add_service(health)
+        .add_service(reflection)
         .add_service(
             AgentServer::new(service)
                 .max_decoding_message_size(paxos_commit_proto::limits::MAX_MESSAGE_BYTES),

@@ -4,6 +4,24 @@
 pub mod pb {
     #![allow(clippy::all)]
     tonic::include_proto!("paxoscommit.v1");
+
+    /// The encoded descriptors of `paxoscommit.proto`, for the reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/paxoscommit_descriptor.bin"));
+}
+
+/// The gRPC reflection service of a server: our services and the health service, so that
+/// grpcurl and other generic tools can list and call them.
+pub fn reflection_service() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
 }
 
 pub mod client;
@@ -70,9 +88,28 @@ pub trait ServeFailure: std::fmt::Display {
     }
 }
 
-/// The life of a server binary (coordinator replica, participant agent): logging to stderr
-/// (`RUST_LOG`, default info), its configuration or the usage error that exits with 2, the
-/// runtime, serving until Ctrl-C or SIGTERM, and the exit code.
+/// Logs of the server binaries, on stderr: `RUST_LOG` filters (default `info`); colour only
+/// when stderr is a terminal, so that files and journald get plain text; one JSON object per
+/// line when `PAXOS_COMMIT_LOG_FORMAT=json`, for log collectors.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let json = std::env::var("PAXOS_COMMIT_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!json && std::io::stderr().is_terminal());
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The life of a server binary (coordinator replica, participant agent): logging
+/// ([`init_logging`]), its configuration or the usage error that exits with 2, the runtime,
+/// serving until Ctrl-C or SIGTERM, and the exit code.
 ///
 /// The shutdown future handed to `serve` resolves on the first SIGTERM or Ctrl-C; `serve`
 /// then drains and returns. Should it not manage within the stop deadline (a hung disk, a
@@ -88,12 +125,7 @@ where
     Fut: std::future::Future<Output = Result<(), SE>>,
     SE: ServeFailure,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cfg = match config {
         Ok(c) => c,
         Err(e) => {
