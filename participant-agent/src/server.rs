@@ -81,6 +81,15 @@ async fn decide_and_acknowledge(
 ) {
     match branches.decide(txn, outcome).await {
         Ok(()) => branches.coordinators().applied(txn, from),
+        // The database contradicts the group (a hand-made COMMIT PREPARED, a heuristic):
+        // an operator must look. The branch never prepared: the group decided without it.
+        Err(e @ AgentError::Conflict { .. }) => {
+            tracing::error!(%txn, %outcome, "the group's decision cannot be applied here: {e}")
+        }
+        Err(e @ AgentError::NotPrepared { .. }) => {
+            tracing::warn!(%txn, %outcome, "decision for a branch that never prepared: {e}")
+        }
+        // Retried by the replicas until it is applied (a database restarting, say).
         Err(e) => tracing::debug!(%txn, "decision not applied yet: {e}"),
     }
 }
