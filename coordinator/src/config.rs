@@ -47,6 +47,7 @@ pub struct FileConfig {
     pub drain_timeout_ms: Option<u64>,
     pub fsync_stall_ms: Option<u64>,
     pub outcome_retention_days: Option<u64>,
+    pub metrics_listen: Option<String>,
     /// Agents, for txctl: participant id → address.
     #[serde(default)]
     pub agents: std::collections::BTreeMap<String, String>,
@@ -126,6 +127,10 @@ pub struct ConfigArgs {
     /// was compacted away (9 bytes per transaction on disk).
     #[arg(long, env = "PAXOS_COMMIT_OUTCOME_RETENTION_DAYS")]
     pub outcome_retention_days: Option<u64>,
+    /// Where Prometheus scrapes this replica's metrics (host:port, path /metrics); none when
+    /// unset.
+    #[arg(long, env = "PAXOS_COMMIT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// The resolved configuration of a replica.
@@ -150,6 +155,8 @@ pub struct ReplicaConfig {
     pub drain_timeout: Duration,
     pub fsync_stall: Duration,
     pub outcome_retention: Duration,
+    /// The Prometheus listener (host:port), if any.
+    pub metrics_listen: Option<String>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -250,6 +257,7 @@ impl ConfigArgs {
                         .unwrap_or(7)
                         .max(1),
             ),
+            metrics_listen: self.metrics_listen.clone().or(file.metrics_listen),
         })
     }
 }

@@ -547,6 +547,11 @@ impl Driver {
         for o in self.core.drain() {
             match o {
                 Output::Persist(r) => {
+                    if matches!(r, Record::Round { .. }) {
+                        // A new round is a phase 1: this replica takes a transaction over
+                        // (or recovers one of its own whose votes did not all come).
+                        metrics::counter!("paxos_commit_takeovers_total").increment(1);
+                    }
                     if let Record::Accept {
                         txn,
                         ballot: 0,
@@ -692,6 +697,12 @@ impl Driver {
                 std::process::exit(70);
             }
         };
+        if let Some(since) = self.in_flight_since {
+            // Write and fsync of one group-commit batch (or a compaction's rewrite).
+            metrics::histogram!("paxos_commit_log_fsync_seconds")
+                .record(since.elapsed().as_secs_f64());
+            metrics::histogram!("paxos_commit_log_batch_records").record(written.records as f64);
+        }
         if let Some(since) = self.in_flight_since.take() {
             if std::mem::take(&mut self.stalled) {
                 tracing::warn!(
@@ -706,6 +717,7 @@ impl Driver {
             paxos_commit_proto::crash_point("coordinator-after-accept");
         }
         if let Some(before) = written.compacted_from {
+            metrics::counter!("paxos_commit_log_compactions_total").increment(1);
             self.live_at_rewrite = written.records as u64;
             tracing::info!(
                 before,
@@ -746,6 +758,11 @@ impl Driver {
                     outcome,
                     cause,
                 }) => {
+                    metrics::counter!(
+                        "paxos_commit_transactions_total",
+                        "outcome" => if outcome == Outcome::Committed { "committed" } else { "aborted" }
+                    )
+                    .increment(1);
                     if outcome == Outcome::Aborted {
                         let reason = cause.as_ref().map(ToString::to_string).unwrap_or_default();
                         tracing::info!(txid = %txn, %reason, "decided: aborted");
@@ -766,13 +783,15 @@ impl Driver {
     fn note_send(&self, to: &paxos_commit_core::Dest, msg: &Msg) {
         let me = paxos_commit_core::Dest::Replica(self.core.config().id);
         match msg {
-            Msg::Phase1a { txn, ballot, .. } if *to == me => tracing::info!(
+            Msg::Phase1a { txn, ballot, .. } if *to == me => {
+                tracing::info!(
                 txid = %txn,
                 ballot,
                 leader = txn.leader(),
                 "takeover: starting phase 1 for a transaction whose leader went silent or \
                  that a participant asked about"
-            ),
+                )
+            }
             Msg::Nack {
                 txn,
                 ballot,

@@ -118,6 +118,10 @@ pub async fn serve(
             .tls_config(tls.server_config())
             .map_err(|e| CoordinatorError::InvalidArgument(format!("TLS: {e}")))?;
     }
+    if let Some(listen) = &cfg.metrics_listen {
+        paxos_commit_proto::metrics::install(listen).map_err(CoordinatorError::InvalidArgument)?;
+        tokio::spawn(sample_metrics(handle.clone()));
+    }
     let reflection = paxos_commit_proto::reflection_service()
         .map_err(|e| CoordinatorError::InvalidArgument(format!("reflection: {e}")))?;
     let stop = drain_on(shutdown, life.clone(), tx, cfg.drain_timeout);
@@ -211,4 +215,27 @@ async fn open_log(
     })
     .await
     .map_err(|e| CoordinatorError::InvalidArgument(format!("log open task: {e}")))?
+}
+
+/// Sets the replica's gauges once a second from what it tells `txctl cluster`.
+async fn sample_metrics(handle: Handle) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Ok(info) = handle.info().await else {
+            continue;
+        };
+        let s = &info.stats;
+        // Known to this acceptor and not decided yet: the group's transactions in doubt.
+        metrics::gauge!("paxos_commit_transactions_undecided").set(s.undecided as f64);
+        metrics::gauge!("paxos_commit_transactions_leading").set(s.leading as f64);
+        metrics::gauge!("paxos_commit_transactions_decided_retained")
+            .set(s.decided_retained as f64);
+        let oldest = s
+            .oldest_undecided
+            .map_or(0, |(_, since)| info.now_ms.saturating_sub(since));
+        metrics::gauge!("paxos_commit_oldest_undecided_seconds").set(oldest as f64 / 1000.0);
+        metrics::gauge!("paxos_commit_log_bytes").set(info.log_bytes as f64);
+    }
 }

@@ -372,8 +372,18 @@ impl pb::coordinator_server::Coordinator for Handle {
         let req = req.into_inner();
         let txn = parse_txid(&req.txid)?;
         let until = self.until(req.return_on_decision);
-        self.decision(txn, |reply| Command::Commit { txn, until, reply })
-            .await
+        let started = std::time::Instant::now();
+        let answer = self
+            .decision(txn, |reply| Command::Commit { txn, until, reply })
+            .await;
+        let outcome = match &answer {
+            Ok(r) if r.get_ref().outcome == pb::Outcome::Committed as i32 => "committed",
+            Ok(_) => "aborted",
+            Err(_) => "error",
+        };
+        metrics::histogram!("paxos_commit_commit_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        answer
     }
 
     async fn abort(

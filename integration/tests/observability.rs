@@ -1,18 +1,51 @@
 //! Step 9 (issue 14), what an operator's tools see: gRPC reflection on every server, so that
-//! grpcurl (or any reflection client) lists the services and fetches their descriptors.
+//! grpcurl (or any reflection client) lists the services and fetches their descriptors; and
+//! Prometheus metrics that follow a transaction into doubt (an agent killed after PREPARE)
+//! and out of it.
 
 use anyhow::{ensure, Context, Result};
+use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
+use paxos_commit_integration::process::free_port;
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::tls::{Role, Security};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 const A: &str = "bank_a";
+const B: &str = "bank_b";
+
+/// One scrape of `/metrics` at `address`: each sample line's name with labels, and value.
+async fn scrape(address: &str) -> Result<BTreeMap<String, f64>> {
+    let mut conn = tokio::net::TcpStream::connect(address).await?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+    ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200"),
+        "{head}"
+    );
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+fn value(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
+    samples.get(name).copied().unwrap_or(0.0)
+}
 
 /// Asks one server, as `role`, for its services and for the file that defines `symbol`.
 async fn reflect(
@@ -79,6 +112,117 @@ async fn every_server_answers_grpc_reflection() -> Result<()> {
     ensure!(
         agent.contains("paxoscommit.v1.Agent"),
         "the agent does not list its service: {agent:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_a_transaction_into_doubt_and_out() -> Result<()> {
+    let markers = tempfile::tempdir()?;
+    // bank_b dies right after PREPARE, before its vote leaves: the transfer is in doubt until
+    // the leader, after takeover_after_ms, chooses Aborted for bank_b's instance.
+    let mut spec = Spec::new("metrics", 1, &[A, B]).crash_agent_at(
+        B,
+        "agent-after-prepare",
+        &markers.path().join("b"),
+    );
+    spec.takeover_after_ms = 5_000;
+    // Nor may bank_a ask about its prepared branch before then.
+    spec.in_doubt_after_ms = 6_000;
+    let replica = format!("127.0.0.1:{}", free_port()?);
+    let agent_a = format!("127.0.0.1:{}", free_port()?);
+    spec.replica_env
+        .entry(0)
+        .or_default()
+        .push(("PAXOS_COMMIT_METRICS_LISTEN".into(), replica.clone()));
+    spec.agent_env
+        .entry(A.to_string())
+        .or_default()
+        .push(("PAXOS_AGENT_METRICS_LISTEN".into(), agent_a.clone()));
+    let c = Cluster::start(spec).await?;
+    bank::create_accounts(&c, 4, 100).await?;
+
+    // The crash point fires once: the first transfer with bank_b in it dies there.
+    let committed = r#"paxos_commit_transactions_total{outcome="committed"}"#;
+    let aborted = r#"paxos_commit_transactions_total{outcome="aborted"}"#;
+    let undecided = "paxos_commit_transactions_undecided";
+    let prepared_a = "paxos_commit_agent_prepared_branches";
+    let before = scrape(&replica).await?;
+    let client = c.client.clone();
+    let transfer = tokio::spawn(async move { bank::transfer(&client, (A, 1), (B, 1), 10).await });
+    let (mut max_undecided, mut max_prepared_a, mut max_oldest) = (0.0f64, 0.0f64, 0.0f64);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !transfer.is_finished() {
+        ensure!(Instant::now() < deadline, "the transfer never finished");
+        let r = scrape(&replica).await?;
+        let a = scrape(&agent_a).await?;
+        max_undecided = max_undecided.max(value(&r, undecided));
+        max_oldest = max_oldest.max(value(&r, "paxos_commit_oldest_undecided_seconds"));
+        max_prepared_a = max_prepared_a.max(value(&a, prepared_a));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (txid, outcome) = transfer.await??;
+    eprintln!(
+        "{txid}: {outcome:?}; in doubt: undecided up to {max_undecided}, oldest {max_oldest} s, \
+         bank_a prepared up to {max_prepared_a}"
+    );
+    ensure!(
+        matches!(outcome, TransferOutcome::Aborted(_)),
+        "{outcome:?}"
+    );
+    ensure!(max_undecided >= 1.0, "the in-doubt gauge never rose");
+    ensure!(max_oldest > 0.0, "the oldest in-doubt age never rose");
+    ensure!(
+        max_prepared_a >= 1.0,
+        "bank_a's prepared-branch gauge never rose"
+    );
+
+    // Resolved: the gauges fall back, the counters moved.
+    c.restart_agent(B).await?;
+    c.wait_no_prepared(Duration::from_secs(15)).await?;
+    let settled = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = scrape(&replica).await?;
+        let a = scrape(&agent_a).await?;
+        if value(&r, undecided) == 0.0 && value(&a, prepared_a) == 0.0 {
+            ensure!(
+                value(&r, aborted) >= value(&before, aborted) + 1.0,
+                "the aborted counter did not move"
+            );
+            ensure!(
+                value(&r, "paxos_commit_takeovers_total") >= 1.0,
+                "no takeover counted"
+            );
+            ensure!(
+                value(&r, "paxos_commit_log_fsync_seconds_count") >= 1.0,
+                "no fsync timed"
+            );
+            ensure!(
+                value(
+                    &a,
+                    r#"paxos_commit_agent_decisions_applied_total{outcome="aborted"}"#
+                ) >= 1.0,
+                "bank_a applied no abort"
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < settled,
+            "the gauges did not fall back: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // And a transfer that commits is counted and timed.
+    let (_, outcome) = bank::transfer(&c.client, (A, 2), (B, 2), 10).await?;
+    ensure!(outcome == TransferOutcome::Committed, "{outcome:?}");
+    let r = scrape(&replica).await?;
+    ensure!(value(&r, committed) >= value(&before, committed) + 1.0);
+    ensure!(
+        value(
+            &r,
+            r#"paxos_commit_commit_seconds_count{outcome="committed"}"#
+        ) >= 1.0
     );
     Ok(())
 }

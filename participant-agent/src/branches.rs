@@ -1116,6 +1116,11 @@ impl Branches {
             .map_err(AgentError::sql)
     }
 
+    /// The connection pool's size, idle connections and waiters.
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+
     /// Our prepared transactions, from PostgreSQL itself.
     pub async fn list_prepared(&self) -> Result<Vec<PreparedRow>, AgentError> {
         let conn = self.pool.get().await.map_err(AgentError::pool)?;

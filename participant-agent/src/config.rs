@@ -49,6 +49,7 @@ struct FileConfig {
     max_concurrent_calls: Option<usize>,
     commit_proof_retention_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -133,6 +134,10 @@ pub struct AgentArgs {
     /// below the stop deadline (PAXOS_COMMIT_STOP_DEADLINE_MS, 9 s).
     #[arg(long, env = "PAXOS_AGENT_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
+    /// Where Prometheus scrapes this agent's metrics (host:port, path /metrics); none when
+    /// unset.
+    #[arg(long, env = "PAXOS_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +164,8 @@ pub struct AgentConfig {
     pub commit_proof_retention: Duration,
     /// After SIGTERM: how long running statements and PREPAREs may take to finish.
     pub drain_timeout: Duration,
+    /// The Prometheus listener (host:port), if any.
+    pub metrics_listen: Option<String>,
 }
 
 impl AgentArgs {
@@ -305,6 +312,7 @@ impl AgentArgs {
                     .or(file.drain_timeout_ms)
                     .unwrap_or(3_000),
             ),
+            metrics_listen: self.metrics_listen.clone().or(file.metrics_listen),
         })
     }
 }

@@ -100,6 +100,9 @@ impl AgentError {
     pub fn sql(e: tokio_postgres::Error) -> AgentError {
         match e.as_db_error() {
             Some(db) => {
+                let class = db.code().code().get(..2).unwrap_or("??").to_string();
+                metrics::counter!("paxos_commit_agent_sql_errors_total", "class" => class)
+                    .increment(1);
                 let mut message = db.message().to_string();
                 if let Some(detail) = db.detail() {
                     message.push_str(": ");

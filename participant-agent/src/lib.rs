@@ -119,6 +119,10 @@ pub async fn serve(
         coordinators,
         BranchSettings::from_config(&cfg),
     ));
+    if let Some(listen) = &cfg.metrics_listen {
+        paxos_commit_proto::metrics::install(listen).map_err(ServeError::Startup)?;
+        tokio::spawn(sample_metrics(branches.clone()));
+    }
     let in_doubt = branches
         .recover()
         .await
@@ -201,5 +205,29 @@ pub async fn serve(
         // Another agent took this database's lock (ours was lost with its connection): two
         // agents must never serve one participant, so this one stops.
         fenced = lock.hold() => Err(fenced),
+    }
+}
+
+/// Sets the agent's gauges every second: its prepared branches as PostgreSQL lists them
+/// (a prepared transaction holds its locks and holds back VACUUM until it is finished, which
+/// PostgreSQL itself never complains about), and its connection pool.
+async fn sample_metrics(branches: Arc<Branches>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !branches.is_stopping() {
+        every.tick().await;
+        if let Ok(prepared) = branches.list_prepared().await {
+            let oldest = prepared.iter().map(|p| p.age_ms).max().unwrap_or(0);
+            metrics::gauge!("paxos_commit_agent_prepared_branches").set(prepared.len() as f64);
+            metrics::gauge!("paxos_commit_agent_oldest_prepared_seconds")
+                .set(oldest as f64 / 1000.0);
+        }
+        let pool = branches.pool_status();
+        let in_use = pool.size.saturating_sub(pool.available);
+        metrics::gauge!("paxos_commit_agent_pool_connections", "state" => "in_use")
+            .set(in_use as f64);
+        metrics::gauge!("paxos_commit_agent_pool_connections", "state" => "idle")
+            .set(pool.available as f64);
+        metrics::gauge!("paxos_commit_agent_pool_waiting").set(pool.waiting as f64);
     }
 }

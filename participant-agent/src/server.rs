@@ -80,7 +80,14 @@ async fn decide_and_acknowledge(
     from: ReplicaId,
 ) {
     match branches.decide(txn, outcome).await {
-        Ok(()) => branches.coordinators().applied(txn, from),
+        Ok(()) => {
+            metrics::counter!(
+                "paxos_commit_agent_decisions_applied_total",
+                "outcome" => if outcome == paxos_commit_core::Outcome::Committed { "committed" } else { "aborted" }
+            )
+            .increment(1);
+            branches.coordinators().applied(txn, from)
+        }
         // The database contradicts the group (a hand-made COMMIT PREPARED, a heuristic):
         // an operator must look. The branch never prepared: the group decided without it.
         Err(e @ AgentError::Conflict { .. }) => {
@@ -247,6 +254,7 @@ impl pb::agent_server::Agent for AgentService {
             )));
         }
         tracing::warn!(gid = %req.gid, %operator, %outcome, "applying a HEURISTIC decision");
+        metrics::counter!("paxos_commit_agent_heuristic_decisions_total").increment(1);
         let branches = self.branches.clone();
         let gid = req.gid.clone();
         detached(async move { branches.heuristic(&gid, outcome, &operator, &summary).await })

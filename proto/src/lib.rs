@@ -28,6 +28,7 @@ pub mod client;
 pub mod convert;
 pub mod heuristic;
 pub mod limits;
+pub mod metrics;
 pub mod pki;
 pub mod reason;
 pub mod run;
