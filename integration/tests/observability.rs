@@ -226,3 +226,49 @@ async fn metrics_follow_a_transaction_into_doubt_and_out() -> Result<()> {
     );
     Ok(())
 }
+
+/// The Grafana dashboard and the alert rules in docs/monitoring name only metrics the servers
+/// export (a renamed metric would leave a panel empty and an alert silent).
+#[test]
+fn the_dashboard_and_alerts_use_only_exported_metrics() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let mut sources = String::new();
+    for dir in ["coordinator/src", "participant-agent/src"] {
+        for entry in std::fs::read_dir(root.join(dir))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(&path)?);
+            }
+        }
+    }
+    let dashboard = std::fs::read_to_string(root.join("docs/monitoring/grafana-dashboard.json"))?;
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard)?;
+    ensure!(
+        parsed["panels"].as_array().is_some_and(|p| !p.is_empty()),
+        "a dashboard without panels"
+    );
+    let alerts = std::fs::read_to_string(root.join("docs/monitoring/alerts.yml"))?;
+    let mut checked = 0;
+    for text in [&dashboard, &alerts] {
+        for (at, _) in text.match_indices("paxos_commit_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            ensure!(
+                sources.contains(&format!("\"{base}\"")),
+                "{base} is in docs/monitoring but no server exports it"
+            );
+            checked += 1;
+        }
+    }
+    ensure!(checked > 10, "only {checked} metric names found");
+    Ok(())
+}
