@@ -97,6 +97,17 @@ impl Spec {
         self
     }
 
+    /// Sets an environment variable on every replica (a short retention, say).
+    pub fn with_replica_env(mut self, key: &str, value: &str) -> Spec {
+        for i in 0..self.replicas {
+            self.replica_env
+                .entry(i)
+                .or_default()
+                .push((key.into(), value.into()));
+        }
+        self
+    }
+
     pub fn new(name: &str, replicas: usize, participants: &[&str]) -> Spec {
         Spec {
             name: name.to_string(),

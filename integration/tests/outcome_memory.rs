@@ -28,13 +28,8 @@ fn wait() -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "waits ten minutes; .ci/run runs it in the background"]
 async fn get_status_answers_ten_minutes_after_the_decision() -> Result<()> {
-    let mut spec = Spec::new("outcome-memory", 3, &[A, B]);
-    for i in 0..3 {
-        spec.replica_env
-            .entry(i)
-            .or_default()
-            .push(("PAXOS_COMMIT_RETENTION_MS".into(), "1000".into()));
-    }
+    let spec = Spec::new("outcome-memory", 3, &[A, B])
+        .with_replica_env("PAXOS_COMMIT_RETENTION_MS", "1000");
     let c = Cluster::start(spec).await?;
     bank::create_accounts(&c, 4, 1_000).await?;
 

@@ -582,14 +582,8 @@ async fn a_rolling_restart_under_load_loses_nothing() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outcomes_are_remembered_past_the_retention_window_and_across_restarts() -> Result<()> {
-    let c = cluster("outcomes-archived", |mut s| {
-        for i in 0..3 {
-            s.replica_env
-                .entry(i)
-                .or_default()
-                .push(("PAXOS_COMMIT_RETENTION_MS".into(), "1000".into()));
-        }
-        s
+    let c = cluster("outcomes-archived", |s| {
+        s.with_replica_env("PAXOS_COMMIT_RETENTION_MS", "1000")
     })
     .await?;
     let (committed, outcome) = bank::transfer(&c.client, (A, 1), (B, 2), 7).await?;
