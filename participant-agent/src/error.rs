@@ -211,43 +211,41 @@ impl From<AgentError> for Status {
 
 /// The gRPC code that means the same thing as `e`.
 fn code(e: &AgentError) -> Code {
-    {
-        match e {
-            AgentError::Sql { code, .. } => {
-                match &code[..2.min(code.len())] {
-                    // lock timeout: like a deadlock, retryable
-                    _ if code == "55P03" => Code::Aborted,
-                    // statement_timeout (or a cancel): not a sign that PostgreSQL is down,
-                    // and the branch is aborted, so not Unavailable (which clients retry)
-                    _ if code == "57014" => Code::DeadlineExceeded,
-                    // syntax, undefined objects, bad data
-                    "42" | "22" | "0A" | "26" | "34" | "3F" => Code::InvalidArgument,
-                    // integrity constraints (CHECK, UNIQUE, FK, NOT NULL)
-                    "23" => Code::FailedPrecondition,
-                    // serialization failure, deadlock
-                    "40" => Code::Aborted,
-                    "08" | "53" | "57" => Code::Unavailable,
-                    _ => Code::FailedPrecondition,
-                }
+    match e {
+        AgentError::Sql { code, .. } => {
+            match &code[..2.min(code.len())] {
+                // lock timeout: like a deadlock, retryable
+                _ if code == "55P03" => Code::Aborted,
+                // statement_timeout (or a cancel): not a sign that PostgreSQL is down,
+                // and the branch is aborted, so not Unavailable (which clients retry)
+                _ if code == "57014" => Code::DeadlineExceeded,
+                // syntax, undefined objects, bad data
+                "42" | "22" | "0A" | "26" | "34" | "3F" => Code::InvalidArgument,
+                // integrity constraints (CHECK, UNIQUE, FK, NOT NULL)
+                "23" => Code::FailedPrecondition,
+                // serialization failure, deadlock
+                "40" => Code::Aborted,
+                "08" | "53" | "57" => Code::Unavailable,
+                _ => Code::FailedPrecondition,
             }
-            AgentError::BadRequest(_)
-            | AgentError::Refused(_)
-            | AgentError::UnsupportedType(_)
-            | AgentError::UnreadableResult { .. } => Code::InvalidArgument,
-            AgentError::Database(_) => Code::Unavailable,
-            AgentError::Enlist(s) => s.code(),
-            AgentError::Answered(s) => s.code(),
-            AgentError::Closed { .. }
-            | AgentError::OutOfOrder { .. }
-            | AgentError::NotARepeat { .. }
-            | AgentError::BranchFailed { .. }
-            | AgentError::NotPrepared { .. } => Code::FailedPrecondition,
-            AgentError::Conflict { .. } => Code::Internal,
-            AgentError::Busy(_) => Code::ResourceExhausted,
-            AgentError::ShuttingDown { .. } => Code::Unavailable,
-            AgentError::ResultTooLarge { .. } | AgentError::LeftTransaction { .. } => {
-                Code::InvalidArgument
-            }
+        }
+        AgentError::BadRequest(_)
+        | AgentError::Refused(_)
+        | AgentError::UnsupportedType(_)
+        | AgentError::UnreadableResult { .. } => Code::InvalidArgument,
+        AgentError::Database(_) => Code::Unavailable,
+        AgentError::Enlist(s) => s.code(),
+        AgentError::Answered(s) => s.code(),
+        AgentError::Closed { .. }
+        | AgentError::OutOfOrder { .. }
+        | AgentError::NotARepeat { .. }
+        | AgentError::BranchFailed { .. }
+        | AgentError::NotPrepared { .. } => Code::FailedPrecondition,
+        AgentError::Conflict { .. } => Code::Internal,
+        AgentError::Busy(_) => Code::ResourceExhausted,
+        AgentError::ShuttingDown { .. } => Code::Unavailable,
+        AgentError::ResultTooLarge { .. } | AgentError::LeftTransaction { .. } => {
+            Code::InvalidArgument
         }
     }
 }
