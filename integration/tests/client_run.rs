@@ -256,7 +256,42 @@ async fn values_are_exact_and_typed() -> Result<()> {
         .await
         .expect_err("a float for a numeric");
     assert_eq!(err.reason(), Some(ErrorReason::UnsupportedType), "{err}");
+    // Malformed values are refused the same way, before anything runs.
+    for (what, sql, bad) in [
+        (
+            "a huge exponent",
+            "UPDATE ledger SET amount = $1 WHERE id = 1",
+            Value::decimal("1e99999"),
+        ),
+        (
+            "a decimal of garbage",
+            "UPDATE ledger SET amount = $1 WHERE id = 1",
+            Value::decimal("12a"),
+        ),
+        (
+            "a malformed uuid",
+            "UPDATE ledger SET ref = $1 WHERE id = 1",
+            Value::uuid("not-a-uuid"),
+        ),
+        (
+            "a timestamp for a date",
+            "UPDATE ledger SET day = $1 WHERE id = 1",
+            Value::timestamptz_micros(0),
+        ),
+    ] {
+        let err = txn.execute(A, sql, &[bad]).await.expect_err(what);
+        assert_eq!(
+            err.reason(),
+            Some(ErrorReason::UnsupportedType),
+            "{what}: {err}"
+        );
+    }
     txn.abort().await?;
+    let text: String = db
+        .query_one("SELECT amount::text FROM ledger WHERE id = 1", &[])
+        .await?
+        .get(0);
+    assert_eq!(text, "0.3", "a refused value changed the row");
     Ok(())
 }
 
