@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub fsync_stall_ms: Option<u64>,
     pub outcome_retention_days: Option<u64>,
     pub metrics_listen: Option<String>,
+    pub audit_interval_ms: Option<u64>,
+    pub audit_window_ms: Option<u64>,
     /// Agents, for txctl: participant id → address.
     #[serde(default)]
     pub agents: std::collections::BTreeMap<String, String>,
@@ -131,6 +133,13 @@ pub struct ConfigArgs {
     /// unset.
     #[arg(long, env = "PAXOS_COMMIT_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// How often this replica audits the agents' databases against the group's outcomes
+    /// (needs the agents' addresses); 0 turns it off. Default 300000 (5 minutes).
+    #[arg(long, env = "PAXOS_COMMIT_AUDIT_INTERVAL_MS")]
+    pub audit_interval_ms: Option<u64>,
+    /// How far back an audit looks, in ms. Default 3600000 (1 hour).
+    #[arg(long, env = "PAXOS_COMMIT_AUDIT_WINDOW_MS")]
+    pub audit_window_ms: Option<u64>,
 }
 
 /// The resolved configuration of a replica.
@@ -157,6 +166,9 @@ pub struct ReplicaConfig {
     pub outcome_retention: Duration,
     /// The Prometheus listener (host:port), if any.
     pub metrics_listen: Option<String>,
+    /// The periodic audit (zero: none); it runs only where agents are configured.
+    pub audit_interval: Duration,
+    pub audit_window: Duration,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -258,6 +270,8 @@ impl ConfigArgs {
                         .max(1),
             ),
             metrics_listen: self.metrics_listen.clone().or(file.metrics_listen),
+            audit_interval: ms(self.audit_interval_ms, file.audit_interval_ms, 300_000),
+            audit_window: ms(self.audit_window_ms, file.audit_window_ms, 3_600_000),
         })
     }
 }

@@ -120,6 +120,17 @@ pub enum Command {
     Info {
         reply: oneshot::Sender<Info>,
     },
+    /// The audit: each transaction's decided outcome, if this replica knows one.
+    Outcomes {
+        txns: Vec<TxnId>,
+        reply: oneshot::Sender<Vec<Option<Outcome>>>,
+    },
+    /// The audit: decided-Committed transactions held in full, after a txid.
+    Committed {
+        after: Option<TxnId>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<(TxnId, Vec<Participant>, u64)>>,
+    },
     /// Stop being an acceptor for other leaders; answer once nothing led here is deciding.
     Drain {
         reply: oneshot::Sender<()>,
@@ -502,6 +513,31 @@ impl Driver {
                 let answer = (status, self.core.cause(txn).cloned());
                 self.reply_after_sync(move || {
                     let _ = reply.send(answer);
+                });
+            }
+            Command::Outcomes { txns, reply } => {
+                let outcomes = txns
+                    .into_iter()
+                    .map(|txn| {
+                        self.core
+                            .status(txn)
+                            .decided
+                            .or_else(|| self.outcomes.get(txn))
+                    })
+                    .collect();
+                // Only what is durable is told, as for Status.
+                self.reply_after_sync(move || {
+                    let _ = reply.send(outcomes);
+                });
+            }
+            Command::Committed {
+                after,
+                limit,
+                reply,
+            } => {
+                let committed = self.core.committed_after(after, limit);
+                self.reply_after_sync(move || {
+                    let _ = reply.send(committed);
                 });
             }
             Command::Info { reply } => {

@@ -12,6 +12,7 @@
 //! * [`error`] — typed errors and their gRPC status;
 //! * [`ops`] — what txctl asks of a whole deployment.
 
+pub mod audit;
 pub mod begins;
 pub mod causes;
 pub mod config;
@@ -121,6 +122,10 @@ pub async fn serve(
     if let Some(listen) = &cfg.metrics_listen {
         paxos_commit_proto::metrics::install(listen).map_err(CoordinatorError::InvalidArgument)?;
         tokio::spawn(sample_metrics(handle.clone()));
+    }
+    let last_audit = audit::LastAudit::default();
+    if !cfg.agents.is_empty() && !cfg.audit_interval.is_zero() {
+        tokio::spawn(audit::run_periodically(cfg.clone(), last_audit.clone()));
     }
     let reflection = paxos_commit_proto::reflection_service()
         .map_err(|e| CoordinatorError::InvalidArgument(format!("reflection: {e}")))?;

@@ -30,8 +30,8 @@ pub enum OpsError {
 
 pub struct Deployment {
     pub cfg: ReplicaConfig,
-    replicas: Vec<CoordinatorClient<Channel>>,
-    agents: BTreeMap<String, AgentClient<Channel>>,
+    pub(crate) replicas: Vec<CoordinatorClient<Channel>>,
+    pub(crate) agents: BTreeMap<String, AgentClient<Channel>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

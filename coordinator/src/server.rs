@@ -13,7 +13,7 @@ use crate::driver::{Command, Decision, Info, Until};
 use crate::error::CoordinatorError;
 use crate::lifecycle::Lifecycle;
 use paxos_commit_core::status::{combine, TxnState};
-use paxos_commit_core::{AbortCause, LocalStatus, Msg, ReplicaId, TxnError, TxnId};
+use paxos_commit_core::{AbortCause, LocalStatus, Msg, Outcome, ReplicaId, TxnError, TxnId};
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::convert::{
     checked_participants_from_pb, delivered_from_pb, outcome_to_pb, participant_from_pb,
@@ -516,7 +516,90 @@ impl pb::coordinator_server::Coordinator for Handle {
             rejoined: info.stats.rejoined,
         }))
     }
+
+    async fn outcomes(
+        &self,
+        req: Request<pb::OutcomesRequest>,
+    ) -> Result<Response<pb::OutcomesResponse>, Status> {
+        let _admitted = self.gate.admit(
+            &req,
+            "Coordinator.Outcomes",
+            &[Kind::Operator, Kind::Replica],
+        )?;
+        let req = req.into_inner();
+        if req.txids.len() > AUDIT_PAGE_MAX {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "{} txids asked; at most {AUDIT_PAGE_MAX}",
+                req.txids.len()
+            ))
+            .into());
+        }
+        let txns = req
+            .txids
+            .iter()
+            .map(|t| parse_txid(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcomes = self.ask(|reply| Command::Outcomes { txns, reply }).await?;
+        Ok(Response::new(pb::OutcomesResponse {
+            states: outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Some(Outcome::Committed) => pb::TxnState::Committed as i32,
+                    Some(Outcome::Aborted) => pb::TxnState::Aborted as i32,
+                    None => pb::TxnState::Unknown as i32,
+                })
+                .collect(),
+            outcome_retention_ms: self.cfg.outcome_retention.as_millis() as u64,
+        }))
+    }
+
+    async fn list_committed(
+        &self,
+        req: Request<pb::ListCommittedRequest>,
+    ) -> Result<Response<pb::ListCommittedResponse>, Status> {
+        let _admitted = self.gate.admit(
+            &req,
+            "Coordinator.ListCommitted",
+            &[Kind::Operator, Kind::Replica],
+        )?;
+        let req = req.into_inner();
+        let after = if req.after_txid.is_empty() {
+            None
+        } else {
+            Some(parse_txid(&req.after_txid)?)
+        };
+        let limit = match req.limit as usize {
+            0 => AUDIT_PAGE_MAX,
+            n => n.min(AUDIT_PAGE_MAX),
+        };
+        let now_ms = self.info().await?.now_ms;
+        // One more than asked tells whether another page follows.
+        let mut committed = self
+            .ask(|reply| Command::Committed {
+                after,
+                limit: limit + 1,
+                reply,
+            })
+            .await?;
+        let more = committed.len() > limit;
+        committed.truncate(limit);
+        Ok(Response::new(pb::ListCommittedResponse {
+            txns: committed
+                .into_iter()
+                .map(|(txn, participants, since)| pb::ReplicaTxn {
+                    txid: txn.to_string(),
+                    state: pb::TxnState::Committed as i32,
+                    age_ms: now_ms.saturating_sub(since),
+                    participants: participants.into_iter().map(|p| p.id).collect(),
+                })
+                .collect(),
+            more,
+        }))
+    }
 }
+
+/// At most this many transactions in one audit request or answer.
+pub const AUDIT_PAGE_MAX: usize = 10_000;
 
 /// Rebuilds a peer's local view from its status reply.
 fn view_from_pb(r: &pb::StatusResponse) -> LocalStatus {

@@ -48,6 +48,8 @@ pub struct Spec {
     /// TLS between each agent and its PostgreSQL server too (the server gets a certificate of
     /// the deployment's CA; the agent verifies it).
     pub database_tls: bool,
+    /// Every replica audits the agents' databases this often (it is told their addresses).
+    pub audit_interval_ms: Option<u64>,
 }
 
 impl Spec {
@@ -123,6 +125,7 @@ impl Spec {
             proxies: false,
             insecure: false,
             database_tls: false,
+            audit_interval_ms: None,
             env: vec![(
                 "RUST_LOG".to_string(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -220,6 +223,14 @@ impl Cluster {
                 spec.commit_timeout_ms.to_string(),
             ]);
             let mut env = spec.env.clone();
+            if let Some(every) = spec.audit_interval_ms {
+                let agents: Vec<String> = agent_listen
+                    .iter()
+                    .map(|(p, a)| format!("{p}={a}"))
+                    .collect();
+                env.push(("PAXOS_COMMIT_AGENTS".into(), agents.join(",")));
+                env.push(("PAXOS_COMMIT_AUDIT_INTERVAL_MS".into(), every.to_string()));
+            }
             env.extend(spec.replica_env.get(&i).cloned().unwrap_or_default());
             replicas.push(Proc::spawn(
                 &format!("replica-{i}"),

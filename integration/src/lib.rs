@@ -27,3 +27,5 @@ pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod python;
+pub mod scrape;
+pub mod txctl;

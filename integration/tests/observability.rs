@@ -7,11 +7,11 @@ use anyhow::{ensure, Context, Result};
 use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::process::free_port;
+use paxos_commit_integration::scrape::{scrape, value};
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::tls::{Role, Security};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -20,32 +20,6 @@ use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 const A: &str = "bank_a";
 const B: &str = "bank_b";
-
-/// One scrape of `/metrics` at `address`: each sample line's name with labels, and value.
-async fn scrape(address: &str) -> Result<BTreeMap<String, f64>> {
-    let mut conn = tokio::net::TcpStream::connect(address).await?;
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text).await?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
-    ensure!(
-        head.starts_with("HTTP/1.") && head.contains(" 200"),
-        "{head}"
-    );
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect())
-}
-
-fn value(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
-    samples.get(name).copied().unwrap_or(0.0)
-}
 
 /// Asks one server, as `role`, for its services and for the file that defines `symbol`.
 async fn reflect(

@@ -7,81 +7,14 @@ use anyhow::{Context, Result};
 use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::process::binary_path;
+use paxos_commit_integration::txctl::Txctl;
 use paxos_commit_proto::client::{Client, ClientConfig};
-use paxos_commit_proto::tls::Role;
 use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
 
 const A: &str = "bank_a";
 const B: &str = "bank_b";
-
-struct Txctl {
-    bin: std::path::PathBuf,
-    env: Vec<(String, String)>,
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Txctl {
-    fn new(c: &Cluster) -> Result<Txctl> {
-        let agents: Vec<String> = c
-            .agent_addrs
-            .iter()
-            .map(|(p, a)| format!("{p}={a}"))
-            .collect();
-        let mut env: Vec<(String, String)> = vec![
-            ("PAXOS_COMMIT_REPLICAS".into(), c.replica_addrs.join(",")),
-            ("PAXOS_COMMIT_AGENTS".into(), agents.join(",")),
-            ("PAXOS_COMMIT_GROUP".into(), c.spec.group.clone()),
-        ];
-        if let Some(f) = c.tls_files(&Role::Operator("test".into()))? {
-            env.extend([
-                ("PAXOS_COMMIT_TLS_CA".into(), f.ca.display().to_string()),
-                ("PAXOS_COMMIT_TLS_CERT".into(), f.cert.display().to_string()),
-                ("PAXOS_COMMIT_TLS_KEY".into(), f.key.display().to_string()),
-            ]);
-        }
-        Ok(Txctl {
-            bin: binary_path("txctl")?,
-            env,
-        })
-    }
-
-    fn run(&self, args: &[&str]) -> Result<Run> {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .context("running txctl")?;
-        let run = Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        eprintln!(
-            "$ txctl {}\n{}{}[exit {}]",
-            args.join(" "),
-            run.stdout,
-            run.stderr,
-            run.code
-        );
-        Ok(run)
-    }
-
-    fn json(&self, args: &[&str]) -> Result<(i32, Value)> {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let r = self.run(&all)?;
-        let v = serde_json::from_str(&r.stdout)
-            .with_context(|| format!("txctl {args:?} printed no JSON: {}", r.stdout))?;
-        Ok((r.code, v))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_finds_and_resolves_in_doubt_transactions() -> Result<()> {

@@ -245,6 +245,16 @@ pub struct PreparedRow {
     pub database: String,
 }
 
+/// A commit proof, as the audit sees it.
+pub struct ProofRow {
+    pub txn: TxnId,
+    pub participants: Vec<String>,
+    pub age_ms: u64,
+}
+
+/// At most this many proofs in one answer to the audit.
+pub const PROOFS_PAGE_MAX: usize = 10_000;
+
 pub struct Branches {
     group: String,
     settings: BranchSettings,
@@ -867,7 +877,7 @@ impl Branches {
             }
             State::Open {
                 conn, failed: None, ..
-            } => match self.prepare_transaction(txn, *conn).await {
+            } => match self.prepare_transaction(txn, *conn, &participants).await {
                 Prepared::Yes => {
                     paxos_commit_proto::crash_point("agent-after-prepare");
                     *state = State::Prepared {
@@ -921,14 +931,25 @@ impl Branches {
     /// proof written in that transaction first; and only believed once PostgreSQL lists the
     /// gid (outside a transaction block, PREPARE is a mere WARNING). The check of
     /// `pg_prepared_xacts` is pipelined behind the batch: still one round trip.
-    async fn prepare_transaction(&self, txn: TxnId, conn: Object) -> Prepared {
+    ///
+    /// The proof names every participant, so that an audit that finds it here knows which
+    /// other databases must hold one too.
+    async fn prepare_transaction(
+        &self,
+        txn: TxnId,
+        conn: Object,
+        participants: &[Participant],
+    ) -> Prepared {
         let gid = self.gid(txn);
         let txid = literal(&txn.to_string());
+        let all: Vec<String> = participants.iter().map(|p| literal(&p.id)).collect();
         let batch = format!(
             "SELECT paxos_commit.assert_branch({txid}); \
-             INSERT INTO paxos_commit.committed (txid, participant) VALUES ({txid}, {}); \
+             INSERT INTO paxos_commit.committed (txid, participant, participants) \
+             VALUES ({txid}, {}, ARRAY[{}]::text[]); \
              PREPARE TRANSACTION {}",
             literal(self.participant()),
+            all.join(", "),
             literal(&gid),
         );
         let (prepared, listed, cleaned) = tokio::join!(
@@ -1152,6 +1173,91 @@ impl Branches {
             });
         }
         Ok(out)
+    }
+
+    /// One page of commit proofs in txid order, after `after`, for the audit; and whether
+    /// more follow.
+    pub async fn proofs_page(
+        &self,
+        after: &str,
+        limit: usize,
+        younger_than: Option<Duration>,
+    ) -> Result<(Vec<ProofRow>, bool), AgentError> {
+        let limit = limit.clamp(1, PROOFS_PAGE_MAX);
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        let fetch = limit as i64 + 1;
+        // No bound: three centuries, further back than any retention.
+        let secs = younger_than.map_or(1.0e10, |d| d.as_secs_f64());
+        let rows = conn
+            .query_typed(
+                "SELECT txid, coalesce(participants, '{}'::text[]), \
+                        (extract(epoch FROM pg_catalog.now() - at) * 1000)::int8 \
+                   FROM paxos_commit.committed \
+                  WHERE txid > $1 \
+                    AND at > pg_catalog.now() - pg_catalog.make_interval(secs => $3) \
+                  ORDER BY txid LIMIT $2",
+                &[
+                    (&after, Type::TEXT),
+                    (&fetch, Type::INT8),
+                    (&secs, Type::FLOAT8),
+                ],
+            )
+            .await
+            .map_err(AgentError::sql)?;
+        let more = rows.len() > limit;
+        let mut out = Vec::with_capacity(rows.len().min(limit));
+        for row in rows.iter().take(limit) {
+            if let Some(proof) = proof_row(row)? {
+                out.push(proof);
+            }
+        }
+        Ok((out, more))
+    }
+
+    /// The audit's second look at suspects: which of `txns` are prepared here right now, and
+    /// the proofs of those that committed. Prepared first: a branch committed in between is
+    /// then seen by the second query, so that nothing in flight is missed by both.
+    pub async fn proofs_of(
+        &self,
+        txns: &[TxnId],
+    ) -> Result<(Vec<ProofRow>, Vec<TxnId>), AgentError> {
+        let conn = self.pool.get().await.map_err(AgentError::pool)?;
+        let gids: Vec<String> = txns.iter().map(|t| self.gid(*t)).collect();
+        let rows = conn
+            .query_typed(
+                "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid = ANY($1)",
+                &[(&gids, Type::TEXT_ARRAY)],
+            )
+            .await
+            .map_err(AgentError::sql)?;
+        let mut prepared = Vec::new();
+        for row in rows {
+            let gid: String = row.try_get(0).map_err(AgentError::sql)?;
+            if let Some((_, txn, _)) = parse_gid(&gid) {
+                prepared.push(txn);
+            }
+        }
+        let txids: Vec<String> = txns.iter().map(TxnId::to_string).collect();
+        let rows = conn
+            .query_typed(
+                "SELECT txid, coalesce(participants, '{}'::text[]), \
+                        (extract(epoch FROM pg_catalog.now() - at) * 1000)::int8 \
+                   FROM paxos_commit.committed WHERE txid = ANY($1)",
+                &[(&txids, Type::TEXT_ARRAY)],
+            )
+            .await
+            .map_err(AgentError::sql)?;
+        let mut proofs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(proof) = proof_row(row)? {
+                proofs.push(proof);
+            }
+        }
+        Ok((proofs, prepared))
+    }
+
+    pub fn commit_proof_retention(&self) -> Duration {
+        self.settings.commit_proof_retention
     }
 
     /// After a restart: every prepared transaction of ours is in doubt; the in-doubt sweep
@@ -1529,6 +1635,23 @@ fn digest(sql: &str, params: &[pb::Value]) -> u64 {
 
 /// A string as an SQL literal. The agent's own values (txids, gids, participant ids) are
 /// plain ASCII; doubling quotes keeps anything else a literal too.
+/// A proof row, or `None` for a txid that is not one of ours (written by hand).
+fn proof_row(row: &tokio_postgres::Row) -> Result<Option<ProofRow>, AgentError> {
+    let txid: String = row.try_get(0).map_err(AgentError::sql)?;
+    let Ok(txn) = txid.parse::<TxnId>() else {
+        tracing::warn!(
+            txid,
+            "paxos_commit.committed holds a row that is no txid; ignored"
+        );
+        return Ok(None);
+    };
+    Ok(Some(ProofRow {
+        txn,
+        participants: row.try_get(1).map_err(AgentError::sql)?,
+        age_ms: row.try_get::<_, i64>(2).map_err(AgentError::sql)?.max(0) as u64,
+    }))
+}
+
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }

@@ -6,7 +6,7 @@
 //! Decide); a heuristic decision needs an operator, `force`, and the same checks txctl shows,
 //! run here again, and it leaves a row in `paxos_commit.heuristic_log`.
 
-use crate::branches::Branches;
+use crate::branches::{Branches, ProofRow, PROOFS_PAGE_MAX};
 use crate::error::AgentError;
 use paxos_commit_core::{Msg, ReplicaId, TxnId};
 use paxos_commit_proto::convert::{delivered_from_pb, outcome_from_pb, txid_from_pb, Delivered};
@@ -194,9 +194,9 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         req: Request<pb::Empty>,
     ) -> Result<Response<pb::ListPreparedResponse>, Status> {
-        let _admitted = self
-            .gate
-            .admit(&req, "Agent.ListPrepared", &[Kind::Operator])?;
+        let _admitted =
+            self.gate
+                .admit(&req, "Agent.ListPrepared", &[Kind::Operator, Kind::Replica])?;
         let prepared = self.branches.list_prepared().await?;
         Ok(Response::new(pb::ListPreparedResponse {
             participant: self.branches.participant().to_string(),
@@ -212,6 +212,56 @@ impl pb::agent_server::Agent for AgentService {
                 .collect(),
             open_branches: self.branches.open_count() as u64,
         }))
+    }
+
+    async fn list_proofs(
+        &self,
+        req: Request<pb::ListProofsRequest>,
+    ) -> Result<Response<pb::ListProofsResponse>, Status> {
+        let _admitted =
+            self.gate
+                .admit(&req, "Agent.ListProofs", &[Kind::Operator, Kind::Replica])?;
+        let req = req.into_inner();
+        let proof = |p: ProofRow| pb::CommitProof {
+            txid: p.txn.to_string(),
+            participants: p.participants,
+            age_ms: p.age_ms,
+        };
+        let mut resp = pb::ListProofsResponse {
+            participant: self.branches.participant().to_string(),
+            retention_ms: self.branches.commit_proof_retention().as_millis() as u64,
+            ..Default::default()
+        };
+        if req.txids.is_empty() {
+            let (proofs, more) = self
+                .branches
+                .proofs_page(
+                    &req.after_txid,
+                    req.limit as usize,
+                    (req.younger_than_ms > 0)
+                        .then(|| std::time::Duration::from_millis(req.younger_than_ms)),
+                )
+                .await?;
+            resp.proofs = proofs.into_iter().map(proof).collect();
+            resp.more = more;
+        } else {
+            if req.txids.len() > PROOFS_PAGE_MAX {
+                return Err(AgentError::BadRequest(format!(
+                    "{} txids asked; at most {PROOFS_PAGE_MAX}",
+                    req.txids.len()
+                ))
+                .into());
+            }
+            let txns = req
+                .txids
+                .iter()
+                .map(|t| txid(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (proofs, prepared) = self.branches.proofs_of(&txns).await?;
+            resp.proofs = proofs.into_iter().map(proof).collect();
+            resp.prepared = prepared.iter().map(TxnId::to_string).collect();
+        }
+        Ok(Response::new(resp))
     }
 
     async fn heuristic(

@@ -1149,6 +1149,33 @@ impl Replica {
         self.out.hash(h);
     }
 
+    /// Decided-Committed transactions this replica still holds in full, in txid order after
+    /// `after`, at most `limit`: what the audit expects every participant's database to prove.
+    pub fn committed_after(
+        &self,
+        after: Option<TxnId>,
+        limit: usize,
+    ) -> Vec<(TxnId, Vec<Participant>, u64)> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.acceptor
+            .range((from, Bound::Unbounded))
+            .filter(|(txn, _)| self.known_decision(**txn) == Some(Outcome::Committed))
+            .take(limit)
+            .map(|(txn, acc)| {
+                let mut participants = self
+                    .coordination
+                    .get(txn)
+                    .map(|c| c.participant_list())
+                    .unwrap_or_default();
+                if participants.is_empty() {
+                    participants = acc.participants.clone();
+                }
+                (*txn, participants, acc.since)
+            })
+            .collect()
+    }
+
     /// Why it aborted, when this replica decided so.
     pub fn cause(&self, txn: TxnId) -> Option<&AbortCause> {
         self.coordination.get(&txn).and_then(|c| c.cause.as_ref())

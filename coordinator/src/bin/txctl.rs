@@ -2,6 +2,7 @@
 //! (file, `PAXOS_COMMIT_*` variables, flags) as the replicas, plus the agents' addresses.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use paxos_commit_coordinator::audit::AuditOptions;
 use paxos_commit_coordinator::config::ConfigArgs;
 use paxos_commit_coordinator::ops::{parse_duration, Deployment, OpsError};
 use paxos_commit_core::Outcome;
@@ -15,12 +16,14 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_IN_DOUBT: u8 = 3;
 const EXIT_UNREACHABLE: u8 = 4;
 const EXIT_REFUSED: u8 = 5;
+const EXIT_DIVERGED: u8 = 6;
 
 /// Inspect and resolve paxos-commit transactions.
 ///
 /// Exit codes: 0 fine; 1 error; 2 bad usage or configuration; 3 something is in doubt
 /// (in-doubt found prepared transactions, or resolve left some unresolved); 4 a replica or
-/// agent that was needed is unreachable; 5 refused (heuristic contradicted, or --force missing).
+/// agent that was needed is unreachable; 5 refused (heuristic contradicted, or --force missing);
+/// 6 the audit found a database that contradicts the group.
 ///
 /// Configuration: --config FILE (the replicas' TOML, with an [agents] table), or
 /// PAXOS_COMMIT_REPLICAS=host:port,... and PAXOS_COMMIT_AGENTS=id=host:port,...
@@ -82,6 +85,18 @@ enum Command {
         /// Really apply it (after the checks passed).
         #[arg(long)]
         force: bool,
+    },
+    /// Compares every database's commit proofs (paxos_commit.committed, written in each
+    /// branch's own transaction) with the group's outcomes and lists every divergence: a
+    /// branch committed where the group aborted or never decided, or rolled back where the
+    /// group committed. Exits 6 if any is found, 4 if a database or replica could not be read.
+    ///
+    /// Example: txctl --config replica.toml audit --window 24h
+    Audit {
+        /// Only transactions younger than this (proofs are pruned after the agents'
+        /// commit-proof retention, full group state after the replicas' retention).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        window: Duration,
     },
     /// A development certificate authority: `init` makes the CA, `issue` one certificate per
     /// process (replica, agent, client or operator). The group comes from --group.
@@ -209,6 +224,7 @@ async fn main() -> ExitCode {
         }
         Command::Resolve { txid, all } => resolve(&deployment, txid, all, cli.json).await,
         Command::Cluster => cluster(&deployment, cli.json).await,
+        Command::Audit { window } => audit(&deployment, window, cli.json).await,
         Command::Heuristic {
             decision,
             gid,
@@ -376,6 +392,69 @@ async fn in_doubt(d: &Deployment, older_than: Duration, json: bool) -> ExitCode 
     if !list.is_empty() {
         ExitCode::from(EXIT_IN_DOUBT)
     } else if !unreachable.is_empty() {
+        ExitCode::from(EXIT_UNREACHABLE)
+    } else {
+        ExitCode::from(EXIT_OK)
+    }
+}
+
+async fn audit(d: &Deployment, window: Duration, json: bool) -> ExitCode {
+    let report = match d.audit(AuditOptions { window }).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        print_json(&report);
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .divergences
+            .iter()
+            .map(|x| {
+                vec![
+                    x.txid.clone(),
+                    x.participant.clone(),
+                    x.kind.describe().to_string(),
+                    x.committed_at.join(","),
+                    x.participants.join(","),
+                    age(x.age_ms),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            table(
+                &[
+                    "TXID",
+                    "DATABASE",
+                    "DIVERGENCE",
+                    "COMMITTED AT",
+                    "PARTICIPANTS",
+                    "AGE",
+                ],
+                &rows,
+            );
+        }
+        println!(
+            "{} divergence(s) in {} transaction(s) ({} proofs, {} in flight, {} not judged) in {} ms",
+            report.divergences.len(),
+            report.transactions,
+            report.proofs,
+            report.in_flight,
+            report.not_judged,
+            report.duration_ms
+        );
+        for u in &report.unreachable_agents {
+            eprintln!("agent unreachable: {u}");
+        }
+        for u in &report.unreachable_replicas {
+            eprintln!("replica unreachable: {u}");
+        }
+        for p in &report.unaudited_participants {
+            eprintln!("participant {p} has no configured agent: its database was not audited");
+        }
+    }
+    if !report.divergences.is_empty() {
+        ExitCode::from(EXIT_DIVERGED)
+    } else if !report.complete() {
         ExitCode::from(EXIT_UNREACHABLE)
     } else {
         ExitCode::from(EXIT_OK)
