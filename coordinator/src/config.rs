@@ -137,7 +137,9 @@ pub struct ConfigArgs {
     /// (needs the agents' addresses); 0 turns it off. Default 300000 (5 minutes).
     #[arg(long, env = "PAXOS_COMMIT_AUDIT_INTERVAL_MS")]
     pub audit_interval_ms: Option<u64>,
-    /// How far back an audit looks, in ms. Default 3600000 (1 hour).
+    /// How far back the periodic audit looks, in ms. Default: twice the interval, at least a
+    /// minute (each transaction is checked about twice, and the reads stay proportional to
+    /// the commits since the last audit).
     #[arg(long, env = "PAXOS_COMMIT_AUDIT_WINDOW_MS")]
     pub audit_window_ms: Option<u64>,
 }
@@ -227,6 +229,7 @@ impl ConfigArgs {
         let ms = |flag: Option<u64>, file: Option<u64>, default: u64| {
             Duration::from_millis(flag.or(file).unwrap_or(default))
         };
+        let audit_interval = ms(self.audit_interval_ms, file.audit_interval_ms, 300_000);
         Ok(ReplicaConfig {
             group,
             id,
@@ -270,8 +273,12 @@ impl ConfigArgs {
                         .max(1),
             ),
             metrics_listen: self.metrics_listen.clone().or(file.metrics_listen),
-            audit_interval: ms(self.audit_interval_ms, file.audit_interval_ms, 300_000),
-            audit_window: ms(self.audit_window_ms, file.audit_window_ms, 3_600_000),
+            audit_interval,
+            audit_window: ms(
+                self.audit_window_ms,
+                file.audit_window_ms,
+                (2 * audit_interval.as_millis() as u64).max(60_000),
+            ),
         })
     }
 }

@@ -81,6 +81,10 @@ struct Args {
     /// database applied it. raw-2pc still waits for COMMIT PREPARED.
     #[arg(long)]
     commit_fast: bool,
+    /// Every replica audits the databases against the group's outcomes this often (ms), as
+    /// deployed with `audit_interval_ms`; 0 (the default here) runs no audit.
+    #[arg(long, default_value_t = 0)]
+    audit_every_ms: u64,
 }
 
 /// The resolved configuration; also recorded in bench.json.
@@ -95,6 +99,7 @@ struct Config {
     accounts: i32,
     out: PathBuf,
     commit_fast: bool,
+    audit_every_ms: u64,
     initial_balance: i64,
 }
 
@@ -152,6 +157,7 @@ impl Config {
                     .join("bench")
             }),
             commit_fast: args.commit_fast,
+            audit_every_ms: args.audit_every_ms,
             initial_balance: INITIAL_BALANCE,
         };
         for m in &cfg.modes {
@@ -419,6 +425,7 @@ async fn start_cluster(
     // Per-transaction info logs would be part of what is measured; production runs at warn.
     spec.env = vec![("RUST_LOG".into(), "warn".into())];
     spec.group = "bench".into();
+    spec.audit_interval_ms = (cfg.audit_every_ms > 0).then_some(cfg.audit_every_ms);
     let cluster = Cluster::start(spec)
         .await
         .with_context(|| format!("starting the deployment for N={} F={f}", names.len()))?;
