@@ -17,6 +17,7 @@ use crate::pb;
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
+use opentelemetry_otlp::WithExportConfig as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -69,7 +70,9 @@ impl TraceParent {
             return None;
         };
         let hex = |f: &str, n: usize| {
-            f.len() == n && f.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            f.len() == n
+                && f.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
         if !(hex(version, 2) && hex(trace, 32) && hex(parent, 16) && hex(flags, 2)) {
             return None;
@@ -193,7 +196,10 @@ pub struct Telemetry {
     /// The exporter's gRPC channel lives on a runtime of its own, so that exporting does
     /// not depend on the server's runtime being driven (it is not, once it has stopped) and
     /// works the same in a process with no runtime at all.
-    runtime: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
+    runtime: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Telemetry {
@@ -224,10 +230,13 @@ impl Drop for Telemetry {
 
 /// The OTLP endpoint from the environment, if traces are to be exported.
 fn otlp_endpoint() -> Option<String> {
-    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok())
-        .find(|v| !v.trim().is_empty())
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok())
+    .find(|v| !v.trim().is_empty())
 }
 
 /// The service name: `OTEL_SERVICE_NAME` when set, else the binary's default.
@@ -243,13 +252,19 @@ pub fn service_name(default: &str) -> String {
 /// other `OTEL_BSP_*` variables apply), as `service` unless `OTEL_SERVICE_NAME` says
 /// otherwise. An exporter that cannot start is reported and the process runs with logs only.
 pub fn init_telemetry(service: &str) -> Telemetry {
+    init_telemetry_with(service, otlp_endpoint())
+}
+
+/// [`init_telemetry`] with the OTLP endpoint given (`None`: no traces), for a process that
+/// configures itself otherwise than by the environment (a test).
+pub fn init_telemetry_with(service: &str, endpoint: Option<String>) -> Telemetry {
     let mut telemetry = Telemetry {
         provider: None,
         runtime: None,
     };
-    let tracer = match otlp_endpoint() {
+    let tracer = match endpoint {
         None => None,
-        Some(_) => match start_exporter(&service_name(service), &mut telemetry) {
+        Some(endpoint) => match start_exporter(&service_name(service), endpoint, &mut telemetry) {
             Ok(tracer) => Some(tracer),
             Err(e) => {
                 eprintln!("{service}: traces will not be exported: {e}");
@@ -263,6 +278,7 @@ pub fn init_telemetry(service: &str) -> Telemetry {
 
 fn start_exporter(
     service: &str,
+    endpoint: String,
     telemetry: &mut Telemetry,
 ) -> Result<opentelemetry_sdk::trace::Tracer, TelemetryError> {
     let (built_tx, built_rx) = std::sync::mpsc::channel();
@@ -285,6 +301,7 @@ fn start_exporter(
                 let _entered = runtime.enter();
                 opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
+                    .with_endpoint(endpoint)
                     .build()
             };
             let _ = built_tx.send(exporter.map_err(TelemetryError::from));
@@ -369,7 +386,10 @@ mod tests {
 
     #[test]
     fn a_good_traceparent_is_kept_and_later_versions_are_cut_to_version_00() {
-        assert_eq!(TraceParent::parse(GOOD).map(|t| t.0), Some(GOOD.to_string()));
+        assert_eq!(
+            TraceParent::parse(GOOD).map(|t| t.0),
+            Some(GOOD.to_string())
+        );
         let later = "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes";
         assert_eq!(
             TraceParent::parse(later).map(|t| t.0),
