@@ -446,6 +446,7 @@ impl Driver {
                 let (code, message) = match self.core.enlist(now, txn, participant.clone()) {
                     Ok(()) => (0, String::new()),
                     Err(e) => {
+                        tracing::warn!(txid = %txn, participant = %participant.id, "refused an enlistment: {e}");
                         let status = tonic::Status::from(crate::error::CoordinatorError::from(e));
                         (status.code() as i32, status.message().to_string())
                     }

@@ -219,6 +219,17 @@ impl Handle {
             })
             .await?
             .ok_or_else(|| {
+                // Refusals come in floods when they come: the 1st, 2nd, 4th... are logged.
+                static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        refused = n,
+                        "refused a Begin: leading {} open transactions already \
+                         (max_open_transactions)",
+                        self.cfg.max_open_transactions
+                    );
+                }
                 paxos_commit_proto::reason::status(
                     tonic::Code::ResourceExhausted,
                     format!(

@@ -202,8 +202,15 @@ impl pb::agent_server::Agent for AgentService {
             )));
         }
         tracing::info!(%txn, caller = %caller.name(), outcome = %chosen, "applying a decision an operator pushed");
-        detached(async move { branches.decide(txn, chosen).await }).await?;
-        Ok(Response::new(pb::Empty {}))
+        match detached(async move { branches.decide(txn, chosen).await }).await {
+            Ok(()) => Ok(Response::new(pb::Empty {})),
+            Err(status) => {
+                // A conflict (the database did the opposite) or a branch that never
+                // prepared: an operator must see why the push did nothing.
+                tracing::warn!(%txn, caller = %caller.name(), outcome = %chosen, "an operator's decision was not applied: {}", status.message());
+                Err(status)
+            }
+        }
     }
 
     async fn list_prepared(
@@ -252,6 +259,7 @@ impl pb::agent_server::Agent for AgentService {
             )))
         })?;
         if !req.force {
+            tracing::warn!(gid = %req.gid, %operator, %outcome, "refused a heuristic decision without force");
             return Err(Status::failed_precondition(
                 "a heuristic decision needs force: it bypasses the coordinator group",
             ));
