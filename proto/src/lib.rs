@@ -1,5 +1,7 @@
 //! The wire protocol of paxos-commit (generated from `proto/paxoscommit.proto`), its mapping
-//! onto the core's types, and a thin client library that tests, the demo and applications use.
+//! onto the core's types, and a thin client library that tests, the demo and applications use;
+//! with the processes' shared plumbing: logs and traces ([`telemetry`]), TLS identities
+//! ([`tls`]), server bootstrap ([`run_server`]).
 
 pub mod pb {
     #![allow(clippy::all)]
