@@ -195,8 +195,8 @@ async fn one_transfer_is_one_trace_across_client_replicas_and_agents() -> Result
     );
     let agent_a = format!("paxos-commit-agent-{A}");
     let agent_b = format!("paxos-commit-agent-{B}");
-    // The client's own spans leave with a flush of its exporter.
-    telemetry.shutdown();
+    // The client's own spans leave with a flush of its exporter (which blocks this thread).
+    tokio::task::block_in_place(|| telemetry.shutdown());
 
     let live = |t: &BTreeMap<String, BTreeSet<String>>| {
         has(t, CLIENT, &["transfer", "begin", "execute", "commit"])
