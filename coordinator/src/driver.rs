@@ -22,10 +22,12 @@ use crate::lifecycle::Lifecycle;
 use crate::log::{DurableLog, LogError};
 use crate::outcomes::{Archive, Index};
 use crate::peers::Peers;
+use crate::traces::Traces;
 use paxos_commit_core::{
     AbortCause, LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats,
     TxnError, TxnId, Vote,
 };
+use paxos_commit_proto::telemetry::TraceParent;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -84,6 +86,8 @@ pub enum Command {
     Begin {
         timeout_ms: u64,
         reply: oneshot::Sender<Option<(TxnId, u64)>>,
+        /// The trace of the client's call, for what is sent about the transaction.
+        trace: Option<TraceParent>,
     },
     /// An agent joins `txn`; the answer goes back to it as an `Enlisted` message.
     Enlist {
@@ -94,11 +98,13 @@ pub enum Command {
         txn: TxnId,
         until: Until,
         reply: DecisionReply,
+        trace: Option<TraceParent>,
     },
     Abort {
         txn: TxnId,
         until: Until,
         reply: DecisionReply,
+        trace: Option<TraceParent>,
     },
     Resolve {
         txn: TxnId,
@@ -106,8 +112,9 @@ pub enum Command {
         participants: Vec<Participant>,
         reply: DecisionReply,
     },
+    /// Paxos messages from peers, each with the trace context it carried.
     Deliver {
-        msgs: Vec<(ReplicaId, Msg)>,
+        msgs: Vec<(ReplicaId, Msg, Option<TraceParent>)>,
     },
     Applied {
         txn: TxnId,
@@ -227,6 +234,8 @@ pub struct Driver {
     drained: Vec<oneshot::Sender<()>>,
     /// After a pause of this process: timers wait until then (see `run`).
     timers_after: Option<Instant>,
+    /// Trace contexts and open spans of transactions, when this process exports traces.
+    traces: Traces,
 }
 
 /// How late a wake-up must be to mean that this process was paused.
@@ -300,6 +309,7 @@ impl Driver {
             fsync_stall,
             drained: Vec::new(),
             timers_after: None,
+            traces: Traces::default(),
         }
     }
 
@@ -416,7 +426,11 @@ impl Driver {
     fn apply(&mut self, cmd: Command) {
         let now = self.now();
         match cmd {
-            Command::Begin { timeout_ms, reply } => {
+            Command::Begin {
+                timeout_ms,
+                reply,
+                trace,
+            } => {
                 if self.open.len() >= self.max_open {
                     // Forget the ones that left Open since (committing, decided, gone):
                     // paid only near the limit, so a Begin stays O(1) otherwise.
@@ -429,6 +443,7 @@ impl Driver {
                 }
                 let txn = self.core.begin_for(now, rand::random(), timeout_ms);
                 self.open.insert(txn);
+                self.traces.set(txn, trace);
                 let deadline_ms = self
                     .core
                     .open_deadline(txn)
@@ -442,19 +457,38 @@ impl Driver {
                 let (code, message) = match self.core.enlist(now, txn, participant.clone()) {
                     Ok(()) => (0, String::new()),
                     Err(e) => {
+                        tracing::warn!(txid = %txn, participant = %participant.id, "refused an enlistment: {e}");
                         let status = tonic::Status::from(crate::error::CoordinatorError::from(e));
                         (status.code() as i32, status.message().to_string())
                     }
                 };
                 self.peers.enlisted(&participant, txn, code, message);
             }
-            Command::Commit { txn, until, reply } => {
+            Command::Commit {
+                txn,
+                until,
+                reply,
+                trace,
+            } => {
                 paxos_commit_proto::crash_point("coordinator-before-prepare");
+                self.traces.deciding(txn, trace);
                 let result = self.core.commit(now, txn);
+                if let Ok(Some(outcome)) = &result {
+                    self.traces.decided(txn, *outcome);
+                }
                 self.answer_or_wait(txn, until, result, reply);
             }
-            Command::Abort { txn, until, reply } => {
+            Command::Abort {
+                txn,
+                until,
+                reply,
+                trace,
+            } => {
+                self.traces.deciding(txn, trace);
                 let result = self.core.abort(now, txn);
+                if let Ok(Some(outcome)) = &result {
+                    self.traces.decided(txn, *outcome);
+                }
                 self.answer_or_wait(txn, until, result, reply);
             }
             Command::Resolve {
@@ -471,7 +505,7 @@ impl Driver {
             Command::Deliver { msgs } => {
                 let draining = self.life.is_draining();
                 let me = self.core.config().id;
-                for (from, msg) in msgs {
+                for (from, msg, trace) in msgs {
                     // A stopping replica finishes what it leads and nothing else: for every
                     // other transaction it is already gone.
                     if draining && msg.txn().leader() != me {
@@ -491,7 +525,26 @@ impl Driver {
                             "nack: an acceptor refused this replica's ballot; a higher one follows"
                         );
                     }
+                    let finished = match (&msg, trace) {
+                        (
+                            Msg::Phase2a {
+                                txn,
+                                participant,
+                                ballot,
+                                ..
+                            },
+                            Some(trace),
+                        ) => {
+                            self.traces.accepting(*txn, participant, *ballot, trace);
+                            None
+                        }
+                        (Msg::Finished { txn, .. }, _) => Some(*txn),
+                        _ => None,
+                    };
                     self.core.on_message(now, from, msg);
+                    if let Some(txn) = finished {
+                        self.traces.forget(txn);
+                    }
                 }
             }
             Command::Drain { reply } => self.drained.push(reply),
@@ -787,7 +840,14 @@ impl Driver {
                 Held::Out(Output::Persist(_) | Output::PersistLazy(_)) => {}
                 Held::Out(Output::Send { to, msg }) => {
                     self.note_send(&to, &msg);
-                    self.peers.send(to, msg)
+                    if let Msg::Phase2b {
+                        txn, participant, ..
+                    } = &msg
+                    {
+                        self.traces.accepted(*txn, participant);
+                    }
+                    let trace = self.traces.get(msg.txn()).cloned();
+                    self.peers.send(to, msg, trace.as_ref())
                 }
                 Held::Out(Output::Decided {
                     txn,
@@ -805,10 +865,14 @@ impl Driver {
                     } else {
                         tracing::debug!(txid = %txn, "decided: committed");
                     }
+                    self.traces.decided(txn, outcome);
                     let decision = Decision::from_status(outcome, cause, &self.core.status(txn));
                     self.on_decided(txn, decision)
                 }
-                Held::Out(Output::Finished { txn, outcome }) => self.on_finished(txn, outcome),
+                Held::Out(Output::Finished { txn, outcome }) => {
+                    self.traces.forget(txn);
+                    self.on_finished(txn, outcome)
+                }
                 Held::Reply(reply) => reply(),
             }
         }

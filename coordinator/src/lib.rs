@@ -8,6 +8,7 @@
 //! * [`lifecycle`] — serving, degraded (a stalled disk) or draining (asked to stop);
 //! * [`driver`] — the task that owns the core and the log and keeps the persist-then-send rule;
 //! * [`peers`] — outbound messages to replicas (batched) and agents;
+//! * [`traces`] — each transaction's trace context and open spans, beside the core;
 //! * [`server`] — gRPC handlers (Coordinator and Acceptor services);
 //! * [`error`] — typed errors and their gRPC status;
 //! * [`ops`] — what txctl asks of a whole deployment.
@@ -25,6 +26,7 @@ pub mod ops;
 pub mod outcomes;
 pub mod peers;
 pub mod server;
+pub mod traces;
 
 use crate::config::ReplicaConfig;
 use crate::dirlock::{DirLock, DirLockError};

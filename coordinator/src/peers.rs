@@ -12,6 +12,7 @@ use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::agent_client::AgentClient;
 use paxos_commit_proto::sender::{self, Link};
+use paxos_commit_proto::telemetry::{self, TraceParent};
 use paxos_commit_proto::tls::Security;
 use std::collections::{BTreeMap, HashMap};
 
@@ -68,9 +69,11 @@ impl Peers {
         })
     }
 
-    pub fn send(&mut self, to: Dest, msg: Msg) {
+    /// Queues `msg` for `to`, with the trace context of its transaction when it has one.
+    pub fn send(&mut self, to: Dest, msg: Msg, trace: Option<&TraceParent>) {
         *self.sent.entry(kind(&msg)).or_default() += 1;
-        let wire = msg_to_pb(self.me, &msg);
+        let mut wire = msg_to_pb(self.me, &msg);
+        telemetry::attach(&mut wire, trace);
         match to {
             Dest::Replica(r) => {
                 if let Some(Some(tx)) = self.replicas.get(r as usize) {

@@ -21,6 +21,8 @@ use paxos_commit_proto::convert::{
 };
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
+use paxos_commit_proto::phase_span;
+use paxos_commit_proto::telemetry::{set_parent, TraceParent};
 use paxos_commit_proto::tls::{Caller, Gate, Kind};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +30,18 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// The span of a client's call, a child of the caller's trace context when it sent one.
+fn call_span<T>(req: &Request<T>, span: tracing::Span) -> tracing::Span {
+    set_parent(&span, TraceParent::from_metadata(req.metadata()).as_ref());
+    span
+}
+
+/// Names the transaction on the current (call) span once it is known.
+fn record_txid(txn: TxnId) {
+    tracing::Span::current().record("txid", tracing::field::display(txn));
+}
 
 #[derive(Clone)]
 pub struct Handle {
@@ -198,9 +212,24 @@ impl Handle {
 
     async fn begin_one(&self, timeout_ms: u64) -> Result<Begun, Status> {
         let (txn, deadline_unix_ms) = self
-            .ask(|reply| Command::Begin { timeout_ms, reply })
+            .ask(|reply| Command::Begin {
+                timeout_ms,
+                reply,
+                trace: TraceParent::current(),
+            })
             .await?
             .ok_or_else(|| {
+                // Refusals come in floods when they come: the 1st, 2nd, 4th... are logged.
+                static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        refused = n,
+                        "refused a Begin: leading {} open transactions already \
+                         (max_open_transactions)",
+                        self.cfg.max_open_transactions
+                    );
+                }
                 paxos_commit_proto::reason::status(
                     tonic::Code::ResourceExhausted,
                     format!(
@@ -233,6 +262,126 @@ impl Handle {
 
     pub async fn info(&self) -> Result<Info, Status> {
         self.ask(|reply| Command::Info { reply }).await
+    }
+}
+
+/// The client calls of a transaction's life, each run inside its call span.
+impl Handle {
+    async fn begin_call(
+        &self,
+        req: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let (caller, _permit) = self
+            .gate
+            .admit(&req, "Coordinator.Begin", &[Kind::Client])?;
+        self.life.admit_begin()?;
+        let req = req.into_inner();
+        let key = req.idempotency_key;
+        if key.len() > MAX_KEY_BYTES {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "the idempotency key is {} bytes long; at most {MAX_KEY_BYTES}",
+                key.len()
+            ))
+            .into());
+        }
+        let response = |begun: Begun, existing| pb::BeginResponse {
+            txid: begun.txn.to_string(),
+            leader: self.cfg.id,
+            leader_address: self.cfg.replicas[self.cfg.id as usize].clone(),
+            deadline_unix_ms: begun.deadline_unix_ms,
+            existing,
+        };
+        if key.is_empty() {
+            let begun = self.begin_one(req.timeout_ms).await?;
+            record_txid(begun.txn);
+            return Ok(Response::new(response(begun, false)));
+        }
+        let mut begins = self.begins.lock().await;
+        let now = std::time::Instant::now();
+        if let Some(begun) = begins.get(&caller.name(), &key, now) {
+            return Ok(Response::new(response(begun, true)));
+        }
+        let begun = self.begin_one(req.timeout_ms).await?;
+        record_txid(begun.txn);
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let open_for = Duration::from_millis(begun.deadline_unix_ms.saturating_sub(now_unix_ms));
+        begins.insert(
+            &caller.name(),
+            &key,
+            begun,
+            now,
+            open_for + self.cfg.retention,
+        );
+        Ok(Response::new(response(begun, false)))
+    }
+
+    async fn prepare_call(
+        &self,
+        req: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Coordinator.Prepare", &[Kind::Client])?;
+        let txn = parse_txid(&req.into_inner().txid)?;
+        record_txid(txn);
+        self.decision(txn, |reply| Command::Commit {
+            txn,
+            until: Until::Decided,
+            reply,
+            trace: TraceParent::current(),
+        })
+        .await
+    }
+
+    async fn commit_call(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Coordinator.Commit", &[Kind::Client])?;
+        let req = req.into_inner();
+        let txn = parse_txid(&req.txid)?;
+        record_txid(txn);
+        let until = self.until(req.return_on_decision);
+        let started = std::time::Instant::now();
+        let answer = self
+            .decision(txn, |reply| Command::Commit {
+                txn,
+                until,
+                reply,
+                trace: TraceParent::current(),
+            })
+            .await;
+        let outcome = match &answer {
+            Ok(r) if r.get_ref().outcome == pb::Outcome::Committed as i32 => "committed",
+            Ok(_) => "aborted",
+            Err(_) => "error",
+        };
+        metrics::histogram!("paxos_commit_commit_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        answer
+    }
+
+    async fn abort_call(
+        &self,
+        req: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let _admitted = self
+            .gate
+            .admit(&req, "Coordinator.Abort", &[Kind::Client])?;
+        let txn = parse_txid(&req.into_inner().txid)?;
+        record_txid(txn);
+        let until = self.until(false);
+        self.decision(txn, |reply| Command::Abort {
+            txn,
+            until,
+            reply,
+            trace: TraceParent::current(),
+        })
+        .await
     }
 }
 
@@ -302,101 +451,32 @@ impl pb::coordinator_server::Coordinator for Handle {
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
-        let (caller, _permit) = self
-            .gate
-            .admit(&req, "Coordinator.Begin", &[Kind::Client])?;
-        self.life.admit_begin()?;
-        let req = req.into_inner();
-        let key = req.idempotency_key;
-        if key.len() > MAX_KEY_BYTES {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "the idempotency key is {} bytes long; at most {MAX_KEY_BYTES}",
-                key.len()
-            ))
-            .into());
-        }
-        let response = |begun: Begun, existing| pb::BeginResponse {
-            txid: begun.txn.to_string(),
-            leader: self.cfg.id,
-            leader_address: self.cfg.replicas[self.cfg.id as usize].clone(),
-            deadline_unix_ms: begun.deadline_unix_ms,
-            existing,
-        };
-        if key.is_empty() {
-            let begun = self.begin_one(req.timeout_ms).await?;
-            return Ok(Response::new(response(begun, false)));
-        }
-        let mut begins = self.begins.lock().await;
-        let now = std::time::Instant::now();
-        if let Some(begun) = begins.get(&caller.name(), &key, now) {
-            return Ok(Response::new(response(begun, true)));
-        }
-        let begun = self.begin_one(req.timeout_ms).await?;
-        let now_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let open_for = Duration::from_millis(begun.deadline_unix_ms.saturating_sub(now_unix_ms));
-        begins.insert(
-            &caller.name(),
-            &key,
-            begun,
-            now,
-            open_for + self.cfg.retention,
-        );
-        Ok(Response::new(response(begun, false)))
+        let span = call_span(&req, phase_span!("begin", txid = tracing::field::Empty));
+        self.begin_call(req).instrument(span).await
     }
 
     async fn prepare(
         &self,
         req: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
-        let _admitted = self
-            .gate
-            .admit(&req, "Coordinator.Prepare", &[Kind::Client])?;
-        let txn = parse_txid(&req.into_inner().txid)?;
-        self.decision(txn, |reply| Command::Commit {
-            txn,
-            until: Until::Decided,
-            reply,
-        })
-        .await
+        let span = call_span(&req, phase_span!("prepare", txid = tracing::field::Empty));
+        self.prepare_call(req).instrument(span).await
     }
 
     async fn commit(
         &self,
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
-        let _admitted = self
-            .gate
-            .admit(&req, "Coordinator.Commit", &[Kind::Client])?;
-        let req = req.into_inner();
-        let txn = parse_txid(&req.txid)?;
-        let until = self.until(req.return_on_decision);
-        let started = std::time::Instant::now();
-        let answer = self
-            .decision(txn, |reply| Command::Commit { txn, until, reply })
-            .await;
-        let outcome = match &answer {
-            Ok(r) if r.get_ref().outcome == pb::Outcome::Committed as i32 => "committed",
-            Ok(_) => "aborted",
-            Err(_) => "error",
-        };
-        metrics::histogram!("paxos_commit_commit_seconds", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
-        answer
+        let span = call_span(&req, phase_span!("commit", txid = tracing::field::Empty));
+        self.commit_call(req).instrument(span).await
     }
 
     async fn abort(
         &self,
         req: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
-        let _admitted = self
-            .gate
-            .admit(&req, "Coordinator.Abort", &[Kind::Client])?;
-        let txn = parse_txid(&req.into_inner().txid)?;
-        let until = self.until(false);
-        self.decision(txn, |reply| Command::Abort { txn, until, reply })
-            .await
+        let span = call_span(&req, phase_span!("abort", txid = tracing::field::Empty));
+        self.abort_call(req).instrument(span).await
     }
 
     async fn get_status(
@@ -724,7 +804,7 @@ impl Handle {
                 self.causes.record(*txn, participant, cause);
             }
             match d {
-                Delivered::Msg(_, msg) => msgs.push((from, msg)),
+                Delivered::Msg(_, msg) => msgs.push((from, msg, TraceParent::from_pb(wire))),
                 Delivered::Enlist { txn, participant } => {
                     others.push(Command::Enlist { txn, participant })
                 }

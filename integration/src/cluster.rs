@@ -99,6 +99,21 @@ impl Spec {
         self
     }
 
+    /// Sets an environment variable on every process, replicas and agents.
+    pub fn with_env(mut self, key: &str, value: &str) -> Spec {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets an environment variable on one agent (after [`Spec::with_env`]'s, so it wins).
+    pub fn with_agent_env(mut self, participant: &str, key: &str, value: &str) -> Spec {
+        self.agent_env
+            .entry(participant.to_string())
+            .or_default()
+            .push((key.into(), value.into()));
+        self
+    }
+
     /// Sets an environment variable on every replica (a short retention, say).
     pub fn with_replica_env(mut self, key: &str, value: &str) -> Spec {
         for i in 0..self.replicas {

@@ -262,6 +262,7 @@ async fn forged_paxos_messages_are_refused() -> Result<()> {
             txid: txid.clone(),
             from_replica: from,
             body: Some(body),
+            traceparent: String::new(),
         }],
     };
     let decided = pb::paxos_message::Body::Decided(pb::Decided {

@@ -536,6 +536,9 @@ impl Branches {
         params: &[pb::Value],
     ) -> Result<pb::ExecuteResponse, AgentError> {
         let refused = self.check_request(sql, params).err();
+        if let Some(e) = &refused {
+            tracing::warn!(%txn, seq, "refused a statement: {e}");
+        }
         let digest = digest(sql, params);
         loop {
             let branch = match self.get(txn) {
@@ -730,7 +733,7 @@ impl Branches {
                 match self.coordinators.enlist(txn).await {
                     Ok(()) => *state = State::Failed { reason },
                     Err(status) => {
-                        tracing::debug!(%txn, "enlisting a refused branch: {}", status.message());
+                        tracing::warn!(%txn, "the leader refused the enlistment: {}", status.message());
                         self.vanish(txn, branch);
                     }
                 }
@@ -1343,6 +1346,7 @@ impl Branches {
                 );
             }
         }
+        tracing::warn!(gid, operator, %outcome, result, "heuristic decision finished");
         finished?;
         if let Some(branch) = self.get(ours) {
             *branch.state.lock().await = State::Done(outcome);

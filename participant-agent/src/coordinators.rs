@@ -10,6 +10,7 @@ use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
 use paxos_commit_proto::sender::{self, Link};
+use paxos_commit_proto::telemetry::{self, TraceParent};
 use paxos_commit_proto::tls::Security;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -162,9 +163,12 @@ impl Coordinators {
             participants,
             self.links.len() as u32,
         );
+        // The prepare span this runs in, for the acceptors' accept spans.
+        let trace = TraceParent::current();
         for (r, msg) in msgs {
             if let Some(link) = self.links.get(r as usize) {
                 let mut wire = msg_to_pb(0, &msg);
+                telemetry::attach(&mut wire, trace.as_ref());
                 if let Some(pb::paxos_message::Body::Phase2a(p2a)) = &mut wire.body {
                     p2a.cause.clone_from(&cause);
                 }

@@ -19,6 +19,7 @@ fn main() -> std::process::ExitCode {
     paxos_commit_proto::run_server(
         "participant-agent",
         cli.args.resolve(),
+        |c| format!("paxos-commit-agent-{}", c.participant),
         paxos_commit_agent::serve,
     )
 }

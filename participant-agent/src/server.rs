@@ -11,9 +11,12 @@ use crate::error::AgentError;
 use paxos_commit_core::{Msg, ReplicaId, TxnId};
 use paxos_commit_proto::convert::{delivered_from_pb, outcome_from_pb, txid_from_pb, Delivered};
 use paxos_commit_proto::pb;
+use paxos_commit_proto::phase_span;
+use paxos_commit_proto::telemetry::{set_parent, TraceParent};
 use paxos_commit_proto::tls::{Caller, Gate, Kind, Role};
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 #[derive(Clone)]
 pub struct AgentService {
@@ -43,17 +46,23 @@ fn txid(s: &str) -> Result<TxnId, Status> {
 
 impl AgentService {
     /// Acts on one message from a replica. Branch work runs on its own task, as a unary
-    /// call's would: the stream goes on with the next message meanwhile.
-    fn delivered(&self, caller: &Caller, d: Delivered) {
+    /// call's would: the stream goes on with the next message meanwhile. Its span continues
+    /// the trace the message carried, if any.
+    fn delivered(&self, caller: &Caller, d: Delivered, trace: Option<TraceParent>) {
         match d {
             Delivered::Msg(_, Msg::Prepare { txn, participants }) => {
                 let branches = self.branches.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = branches.prepare(txn, participants).await {
-                        // No vote leaves; the group's recovery settles the instance.
-                        tracing::warn!(%txn, "prepare failed: {e}");
+                let span = phase_span!("prepare", txid = %txn);
+                set_parent(&span, trace.as_ref());
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = branches.prepare(txn, participants).await {
+                            // No vote leaves; the group's recovery settles the instance.
+                            tracing::warn!(%txn, "prepare failed: {e}");
+                        }
                     }
-                });
+                    .instrument(span),
+                );
             }
             Delivered::Msg(claimed, Msg::Decide { txn, outcome }) => {
                 // The acknowledgement goes to the replica that really sent it.
@@ -62,7 +71,9 @@ impl AgentService {
                     return;
                 };
                 let branches = self.branches.clone();
-                tokio::spawn(decide_and_acknowledge(branches, txn, outcome, from));
+                let span = phase_span!("apply", txid = %txn, ?outcome);
+                set_parent(&span, trace.as_ref());
+                tokio::spawn(decide_and_acknowledge(branches, txn, outcome, from).instrument(span));
             }
             Delivered::Enlisted { txn, code, message } => {
                 self.branches.coordinators().enlisted(txn, code, message)
@@ -107,13 +118,18 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
+        let span = phase_span!("execute", txid = tracing::field::Empty);
+        set_parent(&span, TraceParent::from_metadata(req.metadata()).as_ref());
         let _admitted = self.gate.admit(&req, "Agent.Execute", &[Kind::Client])?;
         let req = req.into_inner();
         let txn = txid(&req.txid)?;
+        span.record("txid", tracing::field::display(txn));
         let branches = self.branches.clone();
-        let resp =
-            detached(async move { branches.execute(txn, req.seq, &req.sql, &req.params).await })
-                .await?;
+        let resp = detached(
+            async move { branches.execute(txn, req.seq, &req.sql, &req.params).await }
+                .instrument(span),
+        )
+        .await?;
         Ok(Response::new(resp))
     }
 
@@ -137,7 +153,7 @@ impl pb::agent_server::Agent for AgentService {
             let Some(batch) = batch else { break };
             for m in &batch.messages {
                 match delivered_from_pb(m) {
-                    Ok(d) => self.delivered(&caller, d),
+                    Ok(d) => self.delivered(&caller, d, TraceParent::from_pb(m)),
                     // One bad message must not cost the others on the stream.
                     Err(e) => tracing::warn!("dropping a message from a replica: {e}"),
                 }
@@ -186,8 +202,15 @@ impl pb::agent_server::Agent for AgentService {
             )));
         }
         tracing::info!(%txn, caller = %caller.name(), outcome = %chosen, "applying a decision an operator pushed");
-        detached(async move { branches.decide(txn, chosen).await }).await?;
-        Ok(Response::new(pb::Empty {}))
+        match detached(async move { branches.decide(txn, chosen).await }).await {
+            Ok(()) => Ok(Response::new(pb::Empty {})),
+            Err(status) => {
+                // A conflict (the database did the opposite) or a branch that never
+                // prepared: an operator must see why the push did nothing.
+                tracing::warn!(%txn, caller = %caller.name(), outcome = %chosen, "an operator's decision was not applied: {}", status.message());
+                Err(status)
+            }
+        }
     }
 
     async fn list_prepared(
@@ -286,6 +309,7 @@ impl pb::agent_server::Agent for AgentService {
             )))
         })?;
         if !req.force {
+            tracing::warn!(gid = %req.gid, %operator, %outcome, "refused a heuristic decision without force");
             return Err(Status::failed_precondition(
                 "a heuristic decision needs force: it bypasses the coordinator group",
             ));

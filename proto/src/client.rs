@@ -15,6 +15,7 @@ use crate::pb::agent_client::AgentClient;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::ErrorReason;
 use crate::reason;
+use crate::telemetry;
 use crate::tls::{Security, Tls};
 use paxos_commit_core::Outcome;
 pub use rust_decimal::Decimal;
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -290,13 +292,22 @@ impl Client {
     }
 
     async fn begin_with(&self, req: pb::BeginRequest) -> Result<Transaction, ClientError> {
+        let span = crate::phase_span!("begin", txid = tracing::field::Empty);
+        let begun = self.begin_on_any(req).instrument(span.clone()).await;
+        if let Ok(t) = &begun {
+            span.record("txid", t.id());
+        }
+        begun
+    }
+
+    async fn begin_on_any(&self, req: pb::BeginRequest) -> Result<Transaction, ClientError> {
         let n = self.inner.replicas.len();
         let start = self.inner.preferred.load(Ordering::Relaxed);
         let mut last = Status::unavailable("no replicas configured");
         for k in 0..n {
             let i = (start + k) % n;
             let mut c = self.inner.replicas[i].clone();
-            match c.begin(req.clone()).await {
+            match c.begin(telemetry::request(req.clone())).await {
                 Ok(r) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     let r = r.into_inner();
@@ -472,6 +483,18 @@ impl Transaction {
         sql: &str,
         params: &[pb::Value],
     ) -> Result<pb::ExecuteResponse, ClientError> {
+        let span = crate::phase_span!("execute", txid = %self.inner.txid, participant);
+        self.execute_on(participant, sql, params)
+            .instrument(span)
+            .await
+    }
+
+    async fn execute_on(
+        &self,
+        participant: &str,
+        sql: &str,
+        params: &[pb::Value],
+    ) -> Result<pb::ExecuteResponse, ClientError> {
         let mut agent = self.inner.client.agent(participant)?;
         let mut req = pb::ExecuteRequest {
             txid: self.inner.txid.clone(),
@@ -481,7 +504,7 @@ impl Transaction {
         };
         if !self.inner.numbered {
             return agent
-                .execute(req)
+                .execute(telemetry::request(req))
                 .await
                 .map(tonic::Response::into_inner)
                 .map_err(ClientError::Rpc);
@@ -499,7 +522,7 @@ impl Transaction {
         let mut backoff = EXECUTE_BACKOFF;
         let mut attempt = 0;
         loop {
-            match agent.execute(req.clone()).await {
+            match agent.execute(telemetry::request(req.clone())).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if may_be_lost(&s) && attempt < EXECUTE_RETRIES => {
                     tracing::debug!(
@@ -545,13 +568,15 @@ impl Transaction {
 
     async fn finish(&self, what: Finish) -> Result<Decision, ClientError> {
         self.inner.hands_off.store(true, Ordering::Release);
-        finish(
-            &self.inner.client,
-            &self.inner.txid,
-            self.inner.leader,
-            what,
-        )
-        .await
+        let txid = &self.inner.txid;
+        let span = match what {
+            Finish::Prepare => crate::phase_span!("prepare", txid = %txid),
+            Finish::Commit { .. } => crate::phase_span!("commit", txid = %txid),
+            Finish::Abort => crate::phase_span!("abort", txid = %txid),
+        };
+        finish(&self.inner.client, txid, self.inner.leader, what)
+            .instrument(span)
+            .await
     }
 }
 
@@ -570,15 +595,21 @@ async fn finish(
         let mut c = replicas[(leader + k) % n].clone();
         let id = txid.to_string();
         let result = match what {
-            Finish::Prepare => c.prepare(pb::TxnRequest { txid: id }).await,
+            Finish::Prepare => {
+                c.prepare(telemetry::request(pb::TxnRequest { txid: id }))
+                    .await
+            }
             Finish::Commit { return_on_decision } => {
-                c.commit(pb::CommitRequest {
+                c.commit(telemetry::request(pb::CommitRequest {
                     txid: id,
                     return_on_decision,
-                })
+                }))
                 .await
             }
-            Finish::Abort => c.abort(pb::TxnRequest { txid: id }).await,
+            Finish::Abort => {
+                c.abort(telemetry::request(pb::TxnRequest { txid: id }))
+                    .await
+            }
         };
         match result {
             Ok(r) => {

@@ -244,6 +244,7 @@ fn wire(txn: TxnId, from: ReplicaId, body: pb::paxos_message::Body) -> pb::Paxos
         txid: txn.to_string(),
         from_replica: from,
         body: Some(body),
+        traceparent: String::new(),
     }
 }
 

@@ -1,5 +1,7 @@
 //! The wire protocol of paxos-commit (generated from `proto/paxoscommit.proto`), its mapping
-//! onto the core's types, and a thin client library that tests, the demo and applications use.
+//! onto the core's types, and a thin client library that tests, the demo and applications use;
+//! with the processes' shared plumbing: logs and traces ([`telemetry`]), TLS identities
+//! ([`tls`]), server bootstrap ([`run_server`]).
 
 pub mod pb {
     #![allow(clippy::all)]
@@ -33,6 +35,7 @@ pub mod pki;
 pub mod reason;
 pub mod run;
 pub mod sender;
+pub mod telemetry;
 pub mod tls;
 
 /// The tokio runtime of the server binaries (coordinator replica, participant agent).
@@ -91,26 +94,16 @@ pub trait ServeFailure: std::fmt::Display {
 
 /// Logs of the server binaries, on stderr: `RUST_LOG` filters (default `info`); colour only
 /// when stderr is a terminal, so that files and journald get plain text; one JSON object per
-/// line when `PAXOS_COMMIT_LOG_FORMAT=json`, for log collectors.
+/// line when `PAXOS_COMMIT_LOG_FORMAT=json`, for log collectors. No traces: see
+/// [`telemetry::init_telemetry`] for logs and traces.
 pub fn init_logging() {
-    use std::io::IsTerminal;
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let json = std::env::var("PAXOS_COMMIT_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!json && std::io::stderr().is_terminal());
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    telemetry::install(None);
 }
 
-/// The life of a server binary (coordinator replica, participant agent): logging
-/// ([`init_logging`]), its configuration or the usage error that exits with 2, the runtime,
-/// serving until Ctrl-C or SIGTERM, and the exit code.
+/// The life of a server binary (coordinator replica, participant agent): its configuration
+/// or the usage error that exits with 2, logs and traces ([`telemetry::init_telemetry`], as
+/// the service `service(&config)` names unless `OTEL_SERVICE_NAME` does), the runtime,
+/// serving until Ctrl-C or SIGTERM, the last spans exported, and the exit code.
 ///
 /// The shutdown future handed to `serve` resolves on the first SIGTERM or Ctrl-C; `serve`
 /// then drains and returns. Should it not manage within the stop deadline (a hung disk, a
@@ -118,6 +111,7 @@ pub fn init_logging() {
 pub fn run_server<C, E, S, Fut, SE>(
     name: &str,
     config: Result<C, E>,
+    service: impl FnOnce(&C) -> String,
     serve: S,
 ) -> std::process::ExitCode
 where
@@ -126,7 +120,6 @@ where
     Fut: std::future::Future<Output = Result<(), SE>>,
     SE: ServeFailure,
 {
-    init_logging();
     let cfg = match config {
         Ok(c) => c,
         Err(e) => {
@@ -134,6 +127,7 @@ where
             return std::process::ExitCode::from(2);
         }
     };
+    let telemetry = telemetry::init_telemetry(&service(&cfg));
     let runtime = match server_runtime() {
         Ok(r) => r,
         Err(e) => {
@@ -156,6 +150,9 @@ where
     let result = runtime.block_on(serve(cfg, Box::pin(shutdown)));
     // Blocking tasks (an fsync on a sick disk) must not keep a stopped process alive.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    // The spans of the last transactions, before the process goes (the watchdog above still
+    // bounds the wait should the collector not answer).
+    telemetry.shutdown();
     match result {
         Ok(()) => {
             tracing::info!("{name}: stopped");

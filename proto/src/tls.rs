@@ -339,6 +339,8 @@ pub struct Gate {
     max_calls: usize,
     /// Certificate (DER) → the identity it names (see [`Gate::identity`]).
     identities: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, IdentityResult>>>,
+    /// Calls refused for overload since start.
+    overloaded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type IdentityResult = Result<(String, Role), String>;
@@ -351,6 +353,7 @@ impl Gate {
             calls: Arc::new(tokio::sync::Semaphore::new(max_calls)),
             max_calls,
             identities: Default::default(),
+            overloaded: Default::default(),
         }
     }
 
@@ -364,6 +367,19 @@ impl Gate {
     ) -> Result<(Caller, tokio::sync::OwnedSemaphorePermit), Status> {
         let caller = self.allow(req, call, kinds)?;
         let permit = self.calls.clone().try_acquire_owned().map_err(|_| {
+            // Refusals come in floods when they come: the 1st, 2nd, 4th, 8th... are logged.
+            let n = self
+                .overloaded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    call,
+                    refused = n,
+                    "refused a call: serving {} already (max_concurrent_calls)",
+                    self.max_calls
+                );
+            }
             crate::reason::status(
                 tonic::Code::ResourceExhausted,
                 format!("serving {} calls already; retry later", self.max_calls),
@@ -418,7 +434,10 @@ impl Gate {
 
     /// The caller, if its kind may make `call`.
     pub fn allow<T>(&self, req: &Request<T>, call: &str, kinds: &[Kind]) -> Result<Caller, Status> {
-        let caller = self.caller(req)?;
+        let caller = self.caller(req).inspect_err(|s| {
+            let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!(call, %peer, "refused a caller: {}", s.message());
+        })?;
         match &caller {
             Caller::Anyone => Ok(caller),
             Caller::Peer(role) if kinds.contains(&role.kind()) => Ok(caller),

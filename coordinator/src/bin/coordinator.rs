@@ -20,6 +20,7 @@ fn main() -> std::process::ExitCode {
     paxos_commit_proto::run_server(
         "coordinator",
         cli.config.resolve(),
+        |c| format!("paxos-commit-coordinator-{}", c.id),
         paxos_commit_coordinator::serve,
     )
 }
