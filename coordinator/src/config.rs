@@ -50,6 +50,7 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub audit_interval_ms: Option<u64>,
     pub audit_window_ms: Option<u64>,
+    pub operator_listen: Option<String>,
     /// Agents, for txctl: participant id → address.
     #[serde(default)]
     pub agents: std::collections::BTreeMap<String, String>,
@@ -142,6 +143,10 @@ pub struct ConfigArgs {
     /// the commits since the last audit).
     #[arg(long, env = "PAXOS_COMMIT_AUDIT_WINDOW_MS")]
     pub audit_window_ms: Option<u64>,
+    /// Where this replica serves its read-only operator page (host:port; HTTPS that admits
+    /// operator certificates only, unless the deployment runs insecure); none when unset.
+    #[arg(long, env = "PAXOS_COMMIT_OPERATOR_LISTEN")]
+    pub operator_listen: Option<String>,
 }
 
 /// The resolved configuration of a replica.
@@ -171,6 +176,8 @@ pub struct ReplicaConfig {
     /// The periodic audit (zero: none); it runs only where agents are configured.
     pub audit_interval: Duration,
     pub audit_window: Duration,
+    /// The operator page's listener (host:port), if any.
+    pub operator_listen: Option<String>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -279,6 +286,7 @@ impl ConfigArgs {
                 file.audit_window_ms,
                 (2 * audit_interval.as_millis() as u64).max(60_000),
             ),
+            operator_listen: self.operator_listen.clone().or(file.operator_listen),
         })
     }
 }

@@ -22,9 +22,12 @@ pub mod driver;
 pub mod error;
 pub mod lifecycle;
 pub mod log;
+pub mod operator_html;
+pub mod operator_page;
 pub mod ops;
 pub mod outcomes;
 pub mod peers;
+pub mod recent;
 pub mod server;
 pub mod traces;
 
@@ -129,6 +132,7 @@ pub async fn serve(
     if !cfg.agents.is_empty() && !cfg.audit_interval.is_zero() {
         tokio::spawn(audit::run_periodically(cfg.clone(), last_audit.clone()));
     }
+    operator_page::start(cfg.clone(), handle.clone(), last_audit).await?;
     let reflection = paxos_commit_proto::reflection_service()
         .map_err(|e| CoordinatorError::InvalidArgument(format!("reflection: {e}")))?;
     let stop = drain_on(shutdown, life.clone(), tx, cfg.drain_timeout);

@@ -12,6 +12,7 @@ use crate::config::ReplicaConfig;
 use crate::driver::{Command, Decision, Info, Until};
 use crate::error::CoordinatorError;
 use crate::lifecycle::Lifecycle;
+use crate::recent::{Ended, Recent};
 use paxos_commit_core::status::{combine, TxnState};
 use paxos_commit_core::{AbortCause, LocalStatus, Msg, Outcome, ReplicaId, TxnError, TxnId};
 use paxos_commit_proto::client::lazy_channel;
@@ -55,6 +56,8 @@ pub struct Handle {
     causes: Arc<Causes>,
     /// Idempotency keys of Begin. An async lock: two Begins with one key must not both miss.
     begins: Arc<tokio::sync::Mutex<Begins>>,
+    /// The last minutes of commits, for the operator page.
+    recent: Arc<Recent>,
 }
 
 impl Handle {
@@ -84,7 +87,18 @@ impl Handle {
             life,
             causes: Arc::default(),
             begins: Arc::default(),
+            recent: Arc::default(),
         })
+    }
+
+    /// The last minutes of commits this replica led.
+    pub fn recent(&self) -> &Recent {
+        &self.recent
+    }
+
+    /// Serving, draining or degraded, and why.
+    pub fn state(&self) -> (&'static str, String) {
+        self.life.state()
     }
 
     /// Asks the driver, and gives up after `bound`: an answer that waits for an fsync must
@@ -360,8 +374,17 @@ impl Handle {
             Ok(_) => "aborted",
             Err(_) => "error",
         };
+        let took = started.elapsed();
         metrics::histogram!("paxos_commit_commit_seconds", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
+            .record(took.as_secs_f64());
+        self.recent.record(
+            match outcome {
+                "committed" => Ended::Committed,
+                "aborted" => Ended::Aborted,
+                _ => Ended::Failed,
+            },
+            took,
+        );
         answer
     }
 

@@ -50,6 +50,9 @@ pub struct Spec {
     pub database_tls: bool,
     /// Every replica audits the agents' databases this often (it is told their addresses).
     pub audit_interval_ms: Option<u64>,
+    /// Every replica serves its operator page ([`Cluster::operator_pages`]), and is told the
+    /// agents' addresses so that the page shows them.
+    pub operator_page: bool,
 }
 
 impl Spec {
@@ -141,6 +144,7 @@ impl Spec {
             insecure: false,
             database_tls: false,
             audit_interval_ms: None,
+            operator_page: false,
             env: vec![(
                 "RUST_LOG".to_string(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -170,6 +174,8 @@ pub struct Cluster {
     pub client_agent_addrs: BTreeMap<String, String>,
     /// The fault proxies, when [`Spec::with_proxies`] is on.
     pub net: Option<Arc<Net>>,
+    /// Each replica's operator page (host:port), when [`Spec::operator_page`] is on.
+    pub operator_pages: Vec<String>,
     // Dropped last: processes first, then their directory.
     pub dir: TestDir,
 }
@@ -182,6 +188,17 @@ fn crash_env(point: &str, marker: &std::path::Path) -> Vec<(String, String)> {
             marker.display().to_string(),
         ),
     ]
+}
+
+/// Holds a crash point armed with `marker` back: it fires only while its marker file is
+/// missing (it creates the file as it fires), so a test can let healthy work run first.
+pub fn disarm_crash_point(marker: &std::path::Path) -> Result<()> {
+    std::fs::write(marker, b"disarmed").context("writing a crash marker")
+}
+
+/// Lets a crash point held back by [`disarm_crash_point`] fire once more.
+pub fn arm_crash_point(marker: &std::path::Path) -> Result<()> {
+    std::fs::remove_file(marker).context("removing a crash marker")
 }
 
 fn addr(port: u16) -> String {
@@ -221,6 +238,7 @@ impl Cluster {
         };
         let coordinator = binary_path("coordinator")?;
         let mut replicas = Vec::new();
+        let mut operator_pages = Vec::new();
         for i in 0..spec.replicas {
             let mut args = security_args(Role::Replica(i as u32))?;
             args.extend([
@@ -238,13 +256,20 @@ impl Cluster {
                 spec.commit_timeout_ms.to_string(),
             ]);
             let mut env = spec.env.clone();
-            if let Some(every) = spec.audit_interval_ms {
+            if spec.audit_interval_ms.is_some() || spec.operator_page {
                 let agents: Vec<String> = agent_listen
                     .iter()
                     .map(|(p, a)| format!("{p}={a}"))
                     .collect();
                 env.push(("PAXOS_COMMIT_AGENTS".into(), agents.join(",")));
+            }
+            if let Some(every) = spec.audit_interval_ms {
                 env.push(("PAXOS_COMMIT_AUDIT_INTERVAL_MS".into(), every.to_string()));
+            }
+            if spec.operator_page {
+                let page = addr(free_port()?);
+                env.push(("PAXOS_COMMIT_OPERATOR_LISTEN".into(), page.clone()));
+                operator_pages.push(page);
             }
             env.extend(spec.replica_env.get(&i).cloned().unwrap_or_default());
             replicas.push(Proc::spawn(
@@ -342,6 +367,7 @@ impl Cluster {
             client_replica_addrs: routes.client_replicas,
             client_agent_addrs: routes.client_agents,
             net: routes.net,
+            operator_pages,
             dir,
         };
         for i in 0..cluster.replicas.len() {

@@ -20,6 +20,7 @@
 //! - [`nemesis`]: the randomized fault schedule, workload and checker of the nemesis test.
 
 pub mod bank;
+pub mod browser;
 pub mod certs;
 pub mod cluster;
 pub mod nemesis;

@@ -38,7 +38,15 @@ pub fn interpreter() -> Result<PathBuf> {
 }
 
 fn prepare() -> Result<PathBuf> {
-    let venv = venv()?;
+    let dir = python_dir();
+    let venv = venv(
+        "python-venv",
+        &dir.join("requirements.txt"),
+        &[
+            dir.join("generate.py"),
+            workspace_root().join("proto/proto/paxoscommit.proto"),
+        ],
+    )?;
     let python = venv.join("bin").join("python");
     // Stubs go into the source tree (gitignored), which may have been cleaned since the
     // environment was cached: generating takes a second, so it runs every time.
@@ -51,24 +59,20 @@ fn prepare() -> Result<PathBuf> {
     Ok(python)
 }
 
-/// `target/python-venv/<hash>`, made if missing: python3 -m venv, pip install -r
-/// requirements.txt. Built in a temporary directory and renamed into place, so that an
-/// interrupted build is never taken for a finished one.
-fn venv() -> Result<PathBuf> {
-    let dir = python_dir();
+/// `target/<kind>/<hash>`, made if missing: python3 -m venv, pip install -r `requirements`.
+/// The hash covers the requirements and `inputs`, so that changing any of them makes a fresh
+/// one. Built in a temporary directory and renamed into place, so that an interrupted build
+/// is never taken for a finished one.
+pub fn venv(kind: &str, requirements: &Path, inputs: &[PathBuf]) -> Result<PathBuf> {
     let mut hasher = DefaultHasher::new();
-    for file in [
-        dir.join("requirements.txt"),
-        dir.join("generate.py"),
-        workspace_root().join("proto/proto/paxoscommit.proto"),
-    ] {
-        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    for file in std::iter::once(requirements).chain(inputs.iter().map(PathBuf::as_path)) {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         hasher.write(&bytes);
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    let root = target.join("python-venv");
+    let root = target.join(kind);
     let venv = root.join(format!("{:016x}", hasher.finish()));
     if venv.join("bin").join("python").is_file() {
         return Ok(venv);
@@ -77,8 +81,9 @@ fn venv() -> Result<PathBuf> {
     let building = root.join(format!("building-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&building);
     eprintln!(
-        "[python] making {} (python3 -m venv, pip install -r requirements.txt)",
-        venv.display()
+        "[python] making {} (python3 -m venv, pip install -r {})",
+        venv.display(),
+        requirements.display()
     );
     check(
         Command::new("python3").arg("-m").arg("venv").arg(&building),
@@ -95,8 +100,8 @@ fn venv() -> Result<PathBuf> {
                 "--quiet",
                 "-r",
             ])
-            .arg(dir.join("requirements.txt")),
-        "pip install -r proto/python/requirements.txt",
+            .arg(requirements),
+        &format!("pip install -r {}", requirements.display()),
     )?;
     // A venv's scripts name its own path, so it is renamed before anything records it;
     // another process that finished first wins, and this copy goes.

@@ -9,26 +9,16 @@
 
 use anyhow::{ensure, Context, Result};
 use paxos_commit_integration::bank::{self, TransferOutcome};
-use paxos_commit_integration::cluster::{Cluster, Spec};
+use paxos_commit_integration::cluster::{arm_crash_point, disarm_crash_point, Cluster, Spec};
 use paxos_commit_integration::process::free_port;
 use paxos_commit_integration::scrape::{scrape, value};
 use paxos_commit_integration::txctl::Txctl;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const A: &str = "bank_a";
 const B: &str = "bank_b";
 const TRANSFERS: usize = 10_000;
 const WORKERS: usize = 16;
-
-/// A crash point stays disarmed while its marker file exists.
-fn disarm(marker: &Path) -> Result<()> {
-    std::fs::write(marker, b"disarmed").context("writing a crash marker")
-}
-
-fn arm(marker: &Path) -> Result<()> {
-    std::fs::remove_file(marker).context("removing a crash marker")
-}
 
 async fn wait_for_metric(
     address: &str,
@@ -51,8 +41,8 @@ async fn wait_for_metric(
 async fn the_audit_is_silent_on_healthy_transfers_and_finds_a_split_made_by_hand() -> Result<()> {
     let markers = tempfile::tempdir()?;
     let (marker_a, marker_b) = (markers.path().join("a"), markers.path().join("b"));
-    disarm(&marker_a)?;
-    disarm(&marker_b)?;
+    disarm_crash_point(&marker_a)?;
+    disarm_crash_point(&marker_b)?;
     let mut spec = Spec::new("audit", 3, &[A, B])
         .crash_agent_at(A, "agent-after-prepare", &marker_a)
         .crash_agent_at(B, "agent-before-finish", &marker_b);
@@ -124,7 +114,7 @@ async fn the_audit_is_silent_on_healthy_transfers_and_finds_a_split_made_by_hand
     ensure!(value(&samples, "paxos_commit_audit_transactions") >= TRANSFERS as f64);
 
     // T1: bank_a dies right after PREPARE, before it votes; the group aborts.
-    arm(&marker_a)?;
+    arm_crash_point(&marker_a)?;
     let (t1, outcome) = bank::transfer(&c.client, (A, 1), (B, 1), 7).await?;
     eprintln!("T1 {t1}: {outcome:?}");
     ensure!(
@@ -137,11 +127,11 @@ async fn the_audit_is_silent_on_healthy_transfers_and_finds_a_split_made_by_hand
         .await?
         .batch_execute(&format!("COMMIT PREPARED 'pxc:test:{t1}:{A}'"))
         .await?;
-    disarm(&marker_a)?;
+    disarm_crash_point(&marker_a)?;
     c.restart_agent(A).await?;
 
     // T2: the group commits; bank_b dies before applying it...
-    arm(&marker_b)?;
+    arm_crash_point(&marker_b)?;
     let (t2, outcome) = bank::transfer(&c.client, (A, 2), (B, 2), 9).await?;
     eprintln!("T2 {t2}: {outcome:?}");
     ensure!(outcome == TransferOutcome::Committed, "{outcome:?}");
@@ -151,7 +141,7 @@ async fn the_audit_is_silent_on_healthy_transfers_and_finds_a_split_made_by_hand
         .await?
         .batch_execute(&format!("ROLLBACK PREPARED 'pxc:test:{t2}:{B}'"))
         .await?;
-    disarm(&marker_b)?;
+    disarm_crash_point(&marker_b)?;
     c.restart_agent(B).await?;
 
     let (code, report) = txctl.json(&["audit"])?;

@@ -203,6 +203,12 @@ impl Tls {
         })
     }
 
+    /// The PEM text of the CA bundle, this process's certificate and its key, for a server
+    /// built outside tonic (the operator page's HTTPS).
+    pub fn pem(&self) -> (&[u8], &[u8], &[u8]) {
+        (&self.ca_pem, &self.cert_pem, &self.key_pem)
+    }
+
     /// Server side: present our certificate; ask every caller for one signed by the CA. A
     /// caller without one still gets through the handshake, so that it can be told
     /// UNAUTHENTICATED in gRPC terms rather than see a connection reset; a certificate that
