@@ -11,7 +11,7 @@
 //! whose group outcome is still Aborted or undecided, is a divergence.
 
 use crate::ops::{Deployment, OpsError};
-use crate::server::AUDIT_PAGE_MAX;
+use paxos_commit_proto::limits::MAX_AUDIT_PAGE;
 use paxos_commit_proto::pb;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -145,7 +145,7 @@ impl Deployment {
                     let page = client
                         .list_proofs(pb::ListProofsRequest {
                             after_txid: after.clone(),
-                            limit: AUDIT_PAGE_MAX as u32,
+                            limit: MAX_AUDIT_PAGE as u32,
                             txids: Vec::new(),
                             younger_than_ms: window_ms,
                         })
@@ -194,7 +194,7 @@ impl Deployment {
                     let page = client
                         .list_committed(pb::ListCommittedRequest {
                             after_txid: after.clone(),
-                            limit: AUDIT_PAGE_MAX as u32,
+                            limit: MAX_AUDIT_PAGE as u32,
                         })
                         .await?
                         .into_inner();
@@ -225,7 +225,7 @@ impl Deployment {
             // 3. Its outcome of every transaction seen.
             let txids: Vec<String> = seen.keys().cloned().collect();
             let mut asked = Ok(());
-            for chunk in txids.chunks(AUDIT_PAGE_MAX) {
+            for chunk in txids.chunks(MAX_AUDIT_PAGE) {
                 match client
                     .outcomes(pb::OutcomesRequest {
                         txids: chunk.to_vec(),
@@ -329,7 +329,7 @@ impl Deployment {
             let Some(client) = self.agents.get(&participant) else {
                 continue;
             };
-            for chunk in txids.chunks(AUDIT_PAGE_MAX) {
+            for chunk in txids.chunks(MAX_AUDIT_PAGE) {
                 let r = client
                     .clone()
                     .list_proofs(pb::ListProofsRequest {

@@ -64,6 +64,14 @@ fn bytes(n: u64) -> String {
     }
 }
 
+fn down(error: Option<&str>) -> String {
+    state_badge("down") + &format!(" <span class=\"note\">{}</span>", esc(error.unwrap_or("")))
+}
+
+fn txid_age(txid: &str, ms: u64) -> String {
+    format!("<span class=\"txid\">{}</span> {}", esc(txid), age(ms))
+}
+
 fn badge(class: &str, text: &str) -> String {
     format!("<span class=\"badge {class}\">{}</span>", esc(text))
 }
@@ -182,17 +190,13 @@ pub fn render(cfg: &ReplicaConfig, operator: Option<&str>, g: &Gathered) -> Stri
                     state_badge(if r.state.is_empty() { "up" } else { &r.state })
                         + if r.rejoined { " rejoined" } else { "" }
                 } else {
-                    state_badge("down")
-                        + &format!(
-                            " <span class=\"note\">{}</span>",
-                            esc(r.error.as_deref().unwrap_or(""))
-                        )
+                    down(r.error.as_deref())
                 },
                 r.leading.to_string(),
                 r.undecided.to_string(),
                 r.oldest_undecided
                     .as_ref()
-                    .map(|(t, ms)| format!("<span class=\"txid\">{}</span> {}", esc(t), age(*ms)))
+                    .map(|(t, ms)| txid_age(t, *ms))
                     .unwrap_or_default(),
                 bytes(r.log_bytes),
                 r.decided_retained.to_string(),
@@ -232,19 +236,13 @@ pub fn render(cfg: &ReplicaConfig, operator: Option<&str>, g: &Gathered) -> Stri
                     if a.up {
                         state_badge("up")
                     } else {
-                        state_badge("down")
-                            + &format!(
-                                " <span class=\"note\">{}</span>",
-                                esc(a.error.as_deref().unwrap_or(""))
-                            )
+                        down(a.error.as_deref())
                     },
                     a.prepared.to_string(),
                     a.open_branches.to_string(),
                     a.oldest_prepared
                         .as_ref()
-                        .map(|(t, ms)| {
-                            format!("<span class=\"txid\">{}</span> {}", esc(t), age(*ms))
-                        })
+                        .map(|(t, ms)| txid_age(t, *ms))
                         .unwrap_or_default(),
                 ]
             })

@@ -18,8 +18,9 @@ use paxos_commit_core::{AbortCause, LocalStatus, Msg, Outcome, ReplicaId, TxnErr
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::convert::{
     checked_participants_from_pb, delivered_from_pb, outcome_to_pb, participant_from_pb,
-    participant_id_from_pb, participant_to_pb, txid_from_pb, vote_to_pb, Delivered,
+    participant_id_from_pb, participant_to_pb, txid_from_pb, txids_from_pb, vote_to_pb, Delivered,
 };
+use paxos_commit_proto::limits::MAX_AUDIT_PAGE;
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
 use paxos_commit_proto::phase_span;
@@ -629,19 +630,8 @@ impl pb::coordinator_server::Coordinator for Handle {
             "Coordinator.Outcomes",
             &[Kind::Operator, Kind::Replica],
         )?;
-        let req = req.into_inner();
-        if req.txids.len() > AUDIT_PAGE_MAX {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "{} txids asked; at most {AUDIT_PAGE_MAX}",
-                req.txids.len()
-            ))
-            .into());
-        }
-        let txns = req
-            .txids
-            .iter()
-            .map(|t| parse_txid(t))
-            .collect::<Result<Vec<_>, _>>()?;
+        let txns = txids_from_pb(&req.into_inner().txids)
+            .map_err(|e| Status::from(CoordinatorError::InvalidArgument(e.to_string())))?;
         let outcomes = self.ask(|reply| Command::Outcomes { txns, reply }).await?;
         Ok(Response::new(pb::OutcomesResponse {
             states: outcomes
@@ -672,8 +662,8 @@ impl pb::coordinator_server::Coordinator for Handle {
             Some(parse_txid(&req.after_txid)?)
         };
         let limit = match req.limit as usize {
-            0 => AUDIT_PAGE_MAX,
-            n => n.min(AUDIT_PAGE_MAX),
+            0 => MAX_AUDIT_PAGE,
+            n => n.min(MAX_AUDIT_PAGE),
         };
         let now_ms = self.info().await?.now_ms;
         // One more than asked tells whether another page follows.
@@ -700,9 +690,6 @@ impl pb::coordinator_server::Coordinator for Handle {
         }))
     }
 }
-
-/// At most this many transactions in one audit request or answer.
-pub const AUDIT_PAGE_MAX: usize = 10_000;
 
 /// Rebuilds a peer's local view from its status reply.
 fn view_from_pb(r: &pb::StatusResponse) -> LocalStatus {

@@ -391,6 +391,17 @@ impl Cluster {
     }
 
     /// The test client's certificate (`client/test`), unless the cluster is insecure.
+    /// A client (certificate `client/test`) that knows replica `i` only: it begins every
+    /// transaction there, and cannot settle one by asking another replica.
+    pub fn client_of_replica(&self, i: usize) -> Result<Client> {
+        Ok(Client::new(&ClientConfig {
+            replicas: vec![self.replica_addrs[i].clone()],
+            agents: self.agent_addrs.clone(),
+            rpc_timeout: None,
+            tls: self.client_tls(),
+        })?)
+    }
+
     pub fn client_tls(&self) -> Option<Arc<Tls>> {
         self.tls_as(&Role::Client("test".into()))
     }

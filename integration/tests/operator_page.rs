@@ -13,7 +13,6 @@ use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::browser;
 use paxos_commit_integration::cluster::{arm_crash_point, disarm_crash_point, Cluster, Spec};
 use paxos_commit_integration::process::workspace_root;
-use paxos_commit_proto::client::{Client, ClientConfig};
 use paxos_commit_proto::tls::Role;
 use serde_json::Value;
 use std::time::Duration;
@@ -43,12 +42,7 @@ async fn an_operator_sees_an_in_doubt_transfer_in_a_real_browser() -> Result<()>
     bank::create_accounts(&c, 4, 1_000).await?;
 
     // Led by replica 0, whose page is visited: a few commits for "last minutes".
-    let leader_only = Client::new(&ClientConfig {
-        replicas: vec![c.replica_addrs[0].clone()],
-        agents: c.agent_addrs.clone(),
-        rpc_timeout: None,
-        tls: c.client_tls(),
-    })?;
+    let leader_only = c.client_of_replica(0)?;
     for i in 0..20 {
         let (_, outcome) = bank::transfer(&leader_only, (A, 2), (B, 2), i).await?;
         ensure!(outcome == TransferOutcome::Committed, "{outcome:?}");

@@ -8,7 +8,6 @@ use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::process::binary_path;
 use paxos_commit_integration::txctl::Txctl;
-use paxos_commit_proto::client::{Client, ClientConfig};
 use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
@@ -34,12 +33,7 @@ async fn operator_finds_and_resolves_in_doubt_transactions() -> Result<()> {
 
     // T1: both agents prepare and vote, the leader decides Commit and dies before telling.
     // This client knows only the leader, so it cannot settle T1 by asking another replica.
-    let leader_only = Client::new(&ClientConfig {
-        replicas: vec![c.replica_addrs[0].clone()],
-        agents: c.agent_addrs.clone(),
-        rpc_timeout: None,
-        tls: c.client_tls(),
-    })?;
+    let leader_only = c.client_of_replica(0)?;
     let (t1, outcome) = bank::transfer(&leader_only, (A, 1), (B, 1), 10).await?;
     c.replicas[0].wait_exit(Duration::from_secs(5))?;
     eprintln!("T1 {t1}: client saw {outcome:?}");

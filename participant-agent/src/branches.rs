@@ -252,9 +252,6 @@ pub struct ProofRow {
     pub age_ms: u64,
 }
 
-/// At most this many proofs in one answer to the audit.
-pub const PROOFS_PAGE_MAX: usize = 10_000;
-
 pub struct Branches {
     group: String,
     settings: BranchSettings,
@@ -1186,7 +1183,7 @@ impl Branches {
         limit: usize,
         younger_than: Option<Duration>,
     ) -> Result<(Vec<ProofRow>, bool), AgentError> {
-        let limit = limit.clamp(1, PROOFS_PAGE_MAX);
+        let limit = limit.clamp(1, paxos_commit_proto::limits::MAX_AUDIT_PAGE);
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
         let fetch = limit as i64 + 1;
         // No bound: three centuries, further back than any retention.

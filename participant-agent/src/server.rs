@@ -6,10 +6,12 @@
 //! Decide); a heuristic decision needs an operator, `force`, and the same checks txctl shows,
 //! run here again, and it leaves a row in `paxos_commit.heuristic_log`.
 
-use crate::branches::{Branches, ProofRow, PROOFS_PAGE_MAX};
+use crate::branches::{Branches, ProofRow};
 use crate::error::AgentError;
 use paxos_commit_core::{Msg, ReplicaId, TxnId};
-use paxos_commit_proto::convert::{delivered_from_pb, outcome_from_pb, txid_from_pb, Delivered};
+use paxos_commit_proto::convert::{
+    delivered_from_pb, outcome_from_pb, txid_from_pb, txids_from_pb, Delivered,
+};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::phase_span;
 use paxos_commit_proto::telemetry::{set_parent, TraceParent};
@@ -268,18 +270,8 @@ impl pb::agent_server::Agent for AgentService {
             resp.proofs = proofs.into_iter().map(proof).collect();
             resp.more = more;
         } else {
-            if req.txids.len() > PROOFS_PAGE_MAX {
-                return Err(AgentError::BadRequest(format!(
-                    "{} txids asked; at most {PROOFS_PAGE_MAX}",
-                    req.txids.len()
-                ))
-                .into());
-            }
-            let txns = req
-                .txids
-                .iter()
-                .map(|t| txid(t))
-                .collect::<Result<Vec<_>, _>>()?;
+            let txns = txids_from_pb(&req.txids)
+                .map_err(|e| Status::from(AgentError::BadRequest(e.to_string())))?;
             let (proofs, prepared) = self.branches.proofs_of(&txns).await?;
             resp.proofs = proofs.into_iter().map(proof).collect();
             resp.prepared = prepared.iter().map(TxnId::to_string).collect();

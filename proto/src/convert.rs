@@ -160,6 +160,19 @@ pub fn txid_from_pb(s: &str) -> Result<TxnId, BadMessage> {
         .map_err(|e: paxos_commit_core::types::BadTxnId| BadMessage(e.to_string()))
 }
 
+/// A list of txids from an audit request: at most [`crate::limits::MAX_AUDIT_PAGE`], each
+/// well-formed.
+pub fn txids_from_pb(list: &[String]) -> Result<Vec<TxnId>, BadMessage> {
+    let max = crate::limits::MAX_AUDIT_PAGE;
+    if list.len() > max {
+        return Err(BadMessage(format!(
+            "{} txids asked; at most {max}",
+            list.len()
+        )));
+    }
+    list.iter().map(|t| txid_from_pb(t)).collect()
+}
+
 /// A message of the core on the wire, marked as sent by replica `from` (agents use 0).
 pub fn msg_to_pb(from: ReplicaId, msg: &Msg) -> pb::PaxosMessage {
     use pb::paxos_message::Body;

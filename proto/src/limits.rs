@@ -8,6 +8,10 @@ use http::header::HeaderValue;
 /// 1 MiB, a batch of Paxos messages a few hundred KiB).
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
+/// Most transactions in one audit question or answer (ListProofs, Outcomes, ListCommitted):
+/// a page of them stays far below the message limit.
+pub const MAX_AUDIT_PAGE: usize = 10_000;
+
 /// tonic answers a request above the decoding limit with OUT_OF_RANGE; gRPC's own status
 /// for a message larger than the receiver accepts is RESOURCE_EXHAUSTED, which is what a
 /// client should see. The status of a unary call refused while decoding travels in the
