@@ -437,12 +437,20 @@ impl Deployment {
     }
 }
 
-/// The last audit this replica ran, for its metrics and its operator page.
+/// The last round of this replica's periodic audit, for its metrics and its operator page.
 #[derive(Debug, Clone)]
 pub struct AuditRun {
     /// Unix time, seconds.
     pub finished_at: u64,
-    pub result: Result<AuditReport, String>,
+    pub result: AuditRound,
+}
+
+#[derive(Debug, Clone)]
+pub enum AuditRound {
+    /// This replica audited.
+    Ran(Result<AuditReport, String>),
+    /// A lower-numbered replica is serving and audits instead.
+    LeftTo(u32),
 }
 
 pub type LastAudit = std::sync::Arc<std::sync::Mutex<Option<AuditRun>>>;
@@ -450,6 +458,11 @@ pub type LastAudit = std::sync::Arc<std::sync::Mutex<Option<AuditRun>>>;
 /// Audits every `cfg.audit_interval` for as long as the replica runs, with its own identity
 /// (agents and replicas admit replicas to the audit's read-only calls). The first run comes a
 /// tenth of an interval after start, so a fresh deployment is checked soon.
+///
+/// One replica audits, the lowest-numbered one that is serving: every round, each replica
+/// asks whether one below it serves, and leaves the round to it if so. The databases are
+/// then read once per interval rather than once per replica, and an audit still runs while
+/// any replica does.
 pub async fn run_periodically(cfg: std::sync::Arc<crate::config::ReplicaConfig>, last: LastAudit) {
     let interval = cfg.audit_interval;
     let opts = AuditOptions {
@@ -464,6 +477,28 @@ pub async fn run_periodically(cfg: std::sync::Arc<crate::config::ReplicaConfig>,
     };
     tokio::time::sleep(interval / 10).await;
     loop {
+        let now_s = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let auditor = deployment
+            .replicas_health()
+            .await
+            .into_iter()
+            .find(|r| r.up && r.state == "serving")
+            .map(|r| r.replica);
+        if let Some(other) = auditor.filter(|a| *a < cfg.id) {
+            // This replica's own last finding no longer stands; the auditor's gauge does
+            // (alerts take the maximum over replicas).
+            metrics::gauge!("paxos_commit_audit_divergences").set(0.0);
+            *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(AuditRun {
+                finished_at: now_s(),
+                result: AuditRound::LeftTo(other),
+            });
+            tokio::time::sleep(interval).await;
+            continue;
+        }
         let result = deployment.audit(opts).await.map_err(|e| e.to_string());
         let (label, divergences) = match &result {
             Ok(r) if !r.divergences.is_empty() => ("diverged", r.divergences.len()),
@@ -490,13 +525,15 @@ pub async fn run_periodically(cfg: std::sync::Arc<crate::config::ReplicaConfig>,
             Err(e) => tracing::warn!("audit failed: {e}"),
         }
         metrics::counter!("paxos_commit_audit_runs_total", "result" => label).increment(1);
-        let finished_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let finished_at = now_s();
         metrics::gauge!("paxos_commit_audit_last_run_timestamp_seconds").set(finished_at as f64);
+        if matches!(&result, Ok(r) if r.complete()) {
+            metrics::gauge!("paxos_commit_audit_last_complete_timestamp_seconds")
+                .set(finished_at as f64);
+        }
         *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(AuditRun {
             finished_at,
-            result,
+            result: AuditRound::Ran(result),
         });
         tokio::time::sleep(interval).await;
     }

@@ -2,7 +2,7 @@
 //! self-contained document (inline style, no scripts), every value from the deployment
 //! escaped, long lists cut at `MAX_ROWS` with a count of what was left out.
 
-use crate::audit::AuditRun;
+use crate::audit::{AuditRound, AuditRun};
 use crate::config::ReplicaConfig;
 use crate::driver::Info;
 use crate::ops::{AgentHealth, InDoubt, OpsError, ReplicaHealth, TxnView};
@@ -434,7 +434,14 @@ pub fn render(cfg: &ReplicaConfig, operator: Option<&str>, g: &Gathered) -> Stri
         Some(run) => {
             let ago = now_s().saturating_sub(run.finished_at);
             match &run.result {
-                Err(e) => {
+                AuditRound::LeftTo(other) => {
+                    let _ = write!(
+                        out,
+                        "<p class=\"note\">Replica {other} audits (the lowest-numbered replica \
+                         that is serving): its page shows the results.</p>"
+                    );
+                }
+                AuditRound::Ran(Err(e)) => {
                     let _ = write!(
                         out,
                         "<p>{} {} s ago: {}</p>",
@@ -443,7 +450,7 @@ pub fn render(cfg: &ReplicaConfig, operator: Option<&str>, g: &Gathered) -> Stri
                         esc(e)
                     );
                 }
-                Ok(r) => {
+                AuditRound::Ran(Ok(r)) => {
                     let verdict = if !r.divergences.is_empty() {
                         "diverged"
                     } else if !r.complete() {
