@@ -157,6 +157,10 @@ pub struct Info {
 struct Waiter {
     until: Until,
     reply: DecisionReply,
+    /// When the caller began to wait, then when the decision came: the decide and apply
+    /// phases' latencies.
+    since: Instant,
+    decided_at: Option<Instant>,
 }
 
 /// Counters of what the replica did, for the protocol-cost figures and txctl.
@@ -228,6 +232,10 @@ pub struct Driver {
     life: Arc<Lifecycle>,
     /// When the write in flight started, and whether it has already been reported stalled.
     in_flight_since: Option<Instant>,
+    /// When the first acceptance of the next batch, and of the batch being written, was
+    /// made: how long an acceptor's answer waits to be durable (the accept phase).
+    next_accept_since: Option<Instant>,
+    in_flight_accept_since: Option<Instant>,
     stalled: bool,
     fsync_stall: Duration,
     /// Waiting for the drain to finish.
@@ -305,6 +313,8 @@ impl Driver {
             votes: HashMap::new(),
             life,
             in_flight_since: None,
+            next_accept_since: None,
+            in_flight_accept_since: None,
             stalled: false,
             fsync_stall,
             drained: Vec::new(),
@@ -623,11 +633,12 @@ impl Driver {
                     let _ = reply.send(Ok(decision));
                 });
             }
-            Ok(_) => self
-                .waiters
-                .entry(txn)
-                .or_default()
-                .push(Waiter { until, reply }),
+            Ok(_) => self.waiters.entry(txn).or_default().push(Waiter {
+                until,
+                reply,
+                since: Instant::now(),
+                decided_at: None,
+            }),
         }
     }
 
@@ -640,6 +651,9 @@ impl Driver {
                         // A new round is a phase 1: this replica takes a transaction over
                         // (or recovers one of its own whose votes did not all come).
                         metrics::counter!("paxos_commit_takeovers_total").increment(1);
+                    }
+                    if matches!(r, Record::Accept { .. }) && self.next_accept_since.is_none() {
+                        self.next_accept_since = Some(Instant::now());
                     }
                     if let Record::Accept {
                         txn,
@@ -736,6 +750,7 @@ impl Driver {
         // reflects every record of the batch, so nothing is lost.
         let live = compact.then(|| self.core.durable_records());
         self.in_flight_since = Some(Instant::now());
+        self.in_flight_accept_since = self.next_accept_since.take();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let accepts = records.iter().any(|r| matches!(r, Record::Accept { .. }));
             let result = match live {
@@ -786,6 +801,10 @@ impl Driver {
                 std::process::exit(70);
             }
         };
+        if let Some(since) = self.in_flight_accept_since.take() {
+            metrics::histogram!("paxos_commit_phase_seconds", "phase" => "accept")
+                .record(since.elapsed().as_secs_f64());
+        }
         if let Some(since) = self.in_flight_since {
             // Write and fsync of one group-commit batch (or a compaction's rewrite).
             metrics::histogram!("paxos_commit_log_fsync_seconds")
@@ -918,7 +937,12 @@ impl Driver {
             return;
         };
         let mut later = Vec::new();
-        for w in waiters {
+        if let Some(first) = waiters.first() {
+            metrics::histogram!("paxos_commit_phase_seconds", "phase" => "decide")
+                .record(first.since.elapsed().as_secs_f64());
+        }
+        for mut w in waiters {
+            w.decided_at = Some(Instant::now());
             match w.until {
                 Until::Decided => {
                     let _ = w.reply.send(Ok(decision.clone()));
@@ -941,7 +965,12 @@ impl Driver {
         });
         decision.all_applied = true;
         decision.not_applied.clear();
-        for w in self.waiters.remove(&txn).unwrap_or_default() {
+        let waiters = self.waiters.remove(&txn).unwrap_or_default();
+        if let Some(decided_at) = waiters.first().and_then(|w| w.decided_at) {
+            metrics::histogram!("paxos_commit_phase_seconds", "phase" => "apply")
+                .record(decided_at.elapsed().as_secs_f64());
+        }
+        for w in waiters {
             let _ = w.reply.send(Ok(decision.clone()));
         }
     }

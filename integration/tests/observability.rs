@@ -198,6 +198,20 @@ async fn metrics_follow_a_transaction_into_doubt_and_out() -> Result<()> {
             r#"paxos_commit_commit_seconds_count{outcome="committed"}"#
         ) >= 1.0
     );
+    // Every phase is timed, at the replica and at the agent (whose apply ends with its
+    // acknowledgement, a moment after the client may have its answer).
+    for phase in ["decide", "apply", "accept"] {
+        let name = format!("paxos_commit_phase_seconds_count{{phase=\"{phase}\"}}");
+        ensure!(value(&r, &name) >= 1.0, "the replica did not time {phase}");
+    }
+    let timed = Instant::now() + Duration::from_secs(5);
+    for phase in ["execute", "prepare", "apply"] {
+        let name = format!("paxos_commit_agent_phase_seconds_count{{phase=\"{phase}\"}}");
+        while value(&scrape(&agent_a).await?, &name) < 1.0 {
+            ensure!(Instant::now() < timed, "bank_a did not time {phase}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     Ok(())
 }
 

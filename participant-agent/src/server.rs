@@ -42,6 +42,13 @@ async fn detached<T: Send + 'static>(
     }
 }
 
+/// The agent's share of a transaction's phases: a statement (execute), PREPARE TRANSACTION
+/// and the vote (prepare), COMMIT / ROLLBACK PREPARED and its acknowledgement (apply).
+fn phase_took(phase: &'static str, started: std::time::Instant) {
+    metrics::histogram!("paxos_commit_agent_phase_seconds", "phase" => phase)
+        .record(started.elapsed().as_secs_f64());
+}
+
 fn txid(s: &str) -> Result<TxnId, Status> {
     txid_from_pb(s).map_err(|e| AgentError::BadRequest(e.to_string()).into())
 }
@@ -58,10 +65,12 @@ impl AgentService {
                 set_parent(&span, trace.as_ref());
                 tokio::spawn(
                     async move {
+                        let started = std::time::Instant::now();
                         if let Err(e) = branches.prepare(txn, participants).await {
                             // No vote leaves; the group's recovery settles the instance.
                             tracing::warn!(%txn, "prepare failed: {e}");
                         }
+                        phase_took("prepare", started);
                     }
                     .instrument(span),
                 );
@@ -75,7 +84,14 @@ impl AgentService {
                 let branches = self.branches.clone();
                 let span = phase_span!("apply", txid = %txn, ?outcome);
                 set_parent(&span, trace.as_ref());
-                tokio::spawn(decide_and_acknowledge(branches, txn, outcome, from).instrument(span));
+                tokio::spawn(
+                    async move {
+                        let started = std::time::Instant::now();
+                        decide_and_acknowledge(branches, txn, outcome, from).await;
+                        phase_took("apply", started);
+                    }
+                    .instrument(span),
+                );
             }
             Delivered::Enlisted { txn, code, message } => {
                 self.branches.coordinators().enlisted(txn, code, message)
@@ -127,11 +143,14 @@ impl pb::agent_server::Agent for AgentService {
         let txn = txid(&req.txid)?;
         span.record("txid", tracing::field::display(txn));
         let branches = self.branches.clone();
+        let started = std::time::Instant::now();
         let resp = detached(
             async move { branches.execute(txn, req.seq, &req.sql, &req.params).await }
                 .instrument(span),
         )
-        .await?;
+        .await;
+        phase_took("execute", started);
+        let resp = resp?;
         Ok(Response::new(resp))
     }
 
