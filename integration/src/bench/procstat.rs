@@ -100,6 +100,28 @@ fn status_kb(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Context switches of all of a process's threads so far: (voluntary, involuntary). A
+/// voluntary switch is a thread going to sleep to wait for something (a message, a lock, the
+/// disk), so each one is a wake-up later: what step 10 counts per transfer. Threads that
+/// exited are not counted (a tokio runtime keeps its workers).
+pub fn context_switches(pid: u32) -> Option<(u64, u64)> {
+    let mut total = (0, 0);
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(text) = fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total.0 += field("voluntary_ctxt_switches:");
+        total.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    Some(total)
+}
+
 pub fn rss_kb(pid: u32) -> Option<u64> {
     status_kb(pid, "VmRSS:")
 }
@@ -160,6 +182,8 @@ pub struct Group {
     pids: Vec<u32>,
     cpu_start: BTreeMap<u32, f64>,
     cpu_end: BTreeMap<u32, f64>,
+    switches_start: BTreeMap<u32, (u64, u64)>,
+    switches_end: BTreeMap<u32, (u64, u64)>,
     peak_rss: BTreeMap<u32, u64>,
 }
 
@@ -176,6 +200,10 @@ pub struct Usage {
     /// CPU seconds used in the window: the busiest process and all together.
     pub cpu_s_max: f64,
     pub cpu_s_sum: f64,
+    /// Context switches of all processes in the window: voluntary (wake-ups) and involuntary
+    /// (preemptions).
+    pub voluntary_switches: u64,
+    pub involuntary_switches: u64,
 }
 
 impl Group {
@@ -184,11 +212,14 @@ impl Group {
             pids,
             cpu_start: BTreeMap::new(),
             cpu_end: BTreeMap::new(),
+            switches_start: BTreeMap::new(),
+            switches_end: BTreeMap::new(),
             peak_rss: BTreeMap::new(),
         }
     }
 
     pub fn start(&mut self) {
+        self.switches_start = self.switches_now();
         self.cpu_start = self.cpu_now();
         self.sample_rss();
     }
@@ -196,6 +227,14 @@ impl Group {
     pub fn end(&mut self) {
         self.sample_rss();
         self.cpu_end = self.cpu_now();
+        self.switches_end = self.switches_now();
+    }
+
+    fn switches_now(&self) -> BTreeMap<u32, (u64, u64)> {
+        self.pids
+            .iter()
+            .filter_map(|&p| context_switches(p).map(|c| (p, c)))
+            .collect()
     }
 
     fn cpu_now(&self) -> BTreeMap<u32, f64> {
@@ -232,6 +271,20 @@ impl Group {
                 .unwrap_or(0),
             cpu_s_max: cpu.iter().copied().fold(0.0, f64::max),
             cpu_s_sum: cpu.iter().sum(),
+            voluntary_switches: self.switched(|s| s.0),
+            involuntary_switches: self.switched(|s| s.1),
         }
+    }
+
+    fn switched(&self, which: impl Fn(&(u64, u64)) -> u64) -> u64 {
+        self.pids
+            .iter()
+            .filter_map(|p| {
+                Some(
+                    which(self.switches_end.get(p)?)
+                        .saturating_sub(which(self.switches_start.get(p)?)),
+                )
+            })
+            .sum()
     }
 }

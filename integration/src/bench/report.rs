@@ -145,6 +145,56 @@ pub fn phases_markdown(cells: &[CellResult]) -> String {
     s
 }
 
+/// What one committed transfer costs the machine: CPU of our processes (replicas and agents)
+/// and of PostgreSQL, and wake-ups (voluntary context switches) of our processes.
+pub fn cost_markdown(cells: &[CellResult]) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "| N | c | mode | tx/s | our CPU ms per transfer (replicas + agents) | PG CPU ms per transfer \
+         | wake-ups per transfer (replicas + agents) | preemptions per transfer |\n\
+         |--:|--:|---|--:|--:|--:|--:|--:|\n",
+    );
+    for c in cells {
+        let per = |x: f64| {
+            if c.committed > 0 {
+                x / c.committed as f64
+            } else {
+                f64::NAN
+            }
+        };
+        let (ours, wakeups, preemptions) = match (&c.coordinator, &c.agents) {
+            (Some(r), Some(a)) => (
+                format!(
+                    "{:.2} ({:.2} + {:.2})",
+                    per(1000.0 * (r.cpu_s_sum + a.cpu_s_sum)),
+                    per(1000.0 * r.cpu_s_sum),
+                    per(1000.0 * a.cpu_s_sum)
+                ),
+                format!(
+                    "{:.1} ({:.1} + {:.1})",
+                    per((r.voluntary_switches + a.voluntary_switches) as f64),
+                    per(r.voluntary_switches as f64),
+                    per(a.voluntary_switches as f64)
+                ),
+                format!(
+                    "{:.1}",
+                    per((r.involuntary_switches + a.involuntary_switches) as f64)
+                ),
+            ),
+            _ => ("–".into(), "–".into(), "–".into()),
+        };
+        let pg = c
+            .postgres_cpu_s
+            .map_or("–".into(), |p| format!("{:.2}", per(1000.0 * p)));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+            c.participants, c.concurrency, c.mode, c.throughput, ours, pg, wakeups, preemptions
+        );
+    }
+    s
+}
+
 /// The first failure message per cell that had any, so a reader sees what the counts mean.
 pub fn failures(cells: &[CellResult]) -> String {
     let mut s = String::new();

@@ -579,6 +579,10 @@ fn finish(cfg: &Config, mut cells: Vec<CellResult>, pg_version: Option<String>) 
         "### Where the time goes\n\n{}",
         report::phases_markdown(&cells)
     );
+    println!(
+        "### What a committed transfer costs\n\n{}\nWake-ups are voluntary context switches (a thread blocked, then woken), summed over every thread of the replicas and agents; preemptions are involuntary ones.\n",
+        report::cost_markdown(&cells)
+    );
     let failures = report::failures(&cells);
     if !failures.is_empty() {
         println!("### First failure per cell\n\n{failures}");
