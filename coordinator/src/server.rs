@@ -370,22 +370,17 @@ impl Handle {
                 trace: TraceParent::current(),
             })
             .await;
-        let outcome = match &answer {
-            Ok(r) if r.get_ref().outcome == pb::Outcome::Committed as i32 => "committed",
-            Ok(_) => "aborted",
-            Err(_) => "error",
+        let (ended, label) = match &answer {
+            Ok(r) if r.get_ref().outcome == pb::Outcome::Committed as i32 => {
+                (Ended::Committed, "committed")
+            }
+            Ok(_) => (Ended::Aborted, "aborted"),
+            Err(_) => (Ended::Failed, "error"),
         };
         let took = started.elapsed();
-        metrics::histogram!("paxos_commit_commit_seconds", "outcome" => outcome)
+        metrics::histogram!("paxos_commit_commit_seconds", "outcome" => label)
             .record(took.as_secs_f64());
-        self.recent.record(
-            match outcome {
-                "committed" => Ended::Committed,
-                "aborted" => Ended::Aborted,
-                _ => Ended::Failed,
-            },
-            took,
-        );
+        self.recent.record(ended, took);
         answer
     }
 
