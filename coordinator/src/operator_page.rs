@@ -254,13 +254,42 @@ async fn respond(
     let lookup = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("txid="))
-        .map(|t| t.trim().to_string())
+        .map(|t| form_decode(t).trim().to_string())
         .filter(|t| !t.is_empty());
     let gathered = gather(state, lookup).await;
     page(
         StatusCode::OK,
         operator_html::render(&state.cfg, operator, &gathered),
     )
+}
+
+/// A form value as a browser sends it (`application/x-www-form-urlencoded`): `+` is a space,
+/// `%XX` a byte; a malformed escape stays as it is. Invalid UTF-8 becomes U+FFFD.
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let escaped = bytes
+                    .get(i + 1)
+                    .and_then(|&h| hex(h))
+                    .zip(bytes.get(i + 2).and_then(|&l| hex(l)));
+                if let Some((h, l)) = escaped {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                } else {
+                    out.push(b'%');
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Everything the page shows, asked in parallel; what does not answer is shown as such.
@@ -294,8 +323,9 @@ async fn gather(state: &PageState, lookup: Option<String>) -> Gathered {
     // The votes of the in-doubt transactions (the first few: the page stays small).
     let mut votes = Vec::new();
     if let Some(Ok((list, _))) = &in_doubt {
-        let mut txids: Vec<&str> = list.iter().map(|x| x.txid.as_str()).collect();
-        txids.dedup();
+        // One transaction may be prepared on several agents: ask once.
+        let txids: std::collections::BTreeSet<&str> =
+            list.iter().map(|x| x.txid.as_str()).collect();
         let asks = txids
             .into_iter()
             .take(operator_html::MAX_ROWS)
@@ -320,5 +350,18 @@ async fn gather(state: &PageState, lookup: Option<String>) -> Gathered {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::form_decode;
+
+    #[test]
+    fn form_values_are_decoded_and_bad_escapes_kept() {
+        assert_eq!(form_decode("00a1b2c3d4e5f607"), "00a1b2c3d4e5f607");
+        assert_eq!(form_decode("%3Cb%3E+x"), "<b> x");
+        assert_eq!(form_decode("%zz%4"), "%zz%4");
+        assert_eq!(form_decode("%ff"), "\u{fffd}");
     }
 }

@@ -49,6 +49,19 @@ def main() -> None:
         page.wait_for_load_state("load")
         out["lookup_url"] = page.url
         out["lookup_text"] = page.inner_text("body")
+
+        # Hostile requests, with the operator's own certificate: the page is read-only and
+        # bounded, and what it echoes is escaped.
+        hostile = {}
+        for name, method, path in (
+            ("post", "POST", "/"),
+            ("long_query", "GET", "/?txid=" + "a" * 300),
+            ("other_path", "GET", "/admin"),
+            ("markup", "GET", "/?txid=%3Cscript%3Ealert(1)%3C/script%3E"),
+        ):
+            r = operator.request.fetch(origin + path, method=method)
+            hostile[name] = {"status": r.status, "body": r.text()}
+        out["hostile"] = hostile
         operator.close()
 
         for name, ctx in (("anonymous", context()), ("client", context(client_cert, client_key))):

@@ -674,3 +674,91 @@ async fn oversized_requests_get_clear_codes() -> Result<()> {
     }
     Ok(())
 }
+
+/// The audit's read calls (Coordinator.Outcomes, Coordinator.ListCommitted, Agent.ListProofs):
+/// only operators and replicas may make them, whatever the message says; a list longer than
+/// a page, or a txid that is not one, gets INVALID_ARGUMENT, and nothing is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_calls_are_for_operators_and_refuse_malformed_lists() -> Result<()> {
+    let c = deployment(Spec::new("attack-audit", 1, &[A])).await?;
+    let (replica, agent) = (c.replica_addrs[0].clone(), c.agent_addrs[A].clone());
+    let as_role = |role: Role| -> Result<(CoordinatorClient<Channel>, AgentClient<Channel>)> {
+        let t = tls(&c, role)?;
+        Ok((
+            CoordinatorClient::new(channel(&replica, t.clone())?),
+            AgentClient::new(channel(&agent, t)?),
+        ))
+    };
+    let too_many = vec!["0011223344556677".to_string(); 10_001];
+    let malformed = vec!["'; DROP TABLE accounts; --".to_string()];
+
+    for role in [Role::Client("test".into()), Role::Agent(A.into())] {
+        let (mut coord, mut agent) = as_role(role.clone())?;
+        let outcomes = coord
+            .outcomes(pb::OutcomesRequest {
+                txids: vec!["0011223344556677".into()],
+            })
+            .await;
+        let committed = coord
+            .list_committed(pb::ListCommittedRequest::default())
+            .await;
+        let proofs = agent.list_proofs(pb::ListProofsRequest::default()).await;
+        for (call, code) in [
+            ("Outcomes", outcomes.err().map(|s| s.code())),
+            ("ListCommitted", committed.err().map(|s| s.code())),
+            ("ListProofs", proofs.err().map(|s| s.code())),
+        ] {
+            ensure!(
+                code == Some(Code::PermissionDenied),
+                "{role} called {call}: {code:?}"
+            );
+        }
+    }
+
+    let (mut coord, mut agent) = as_role(Role::Operator("test".into()))?;
+    for txids in [too_many.clone(), malformed.clone()] {
+        let code = coord
+            .outcomes(pb::OutcomesRequest {
+                txids: txids.clone(),
+            })
+            .await
+            .err()
+            .map(|s| s.code());
+        ensure!(code == Some(Code::InvalidArgument), "Outcomes: {code:?}");
+        let code = agent
+            .list_proofs(pb::ListProofsRequest {
+                txids,
+                ..Default::default()
+            })
+            .await
+            .err()
+            .map(|s| s.code());
+        ensure!(code == Some(Code::InvalidArgument), "ListProofs: {code:?}");
+    }
+    let code = coord
+        .list_committed(pb::ListCommittedRequest {
+            after_txid: malformed[0].clone(),
+            limit: 0,
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    ensure!(
+        code == Some(Code::InvalidArgument),
+        "ListCommitted: {code:?}"
+    );
+    // A hostile cursor or limit is only a cursor: the answer is still one bounded page.
+    let page = agent
+        .list_proofs(pb::ListProofsRequest {
+            after_txid: malformed[0].clone(),
+            limit: u32::MAX,
+            txids: Vec::new(),
+            younger_than_ms: u64::MAX,
+        })
+        .await?
+        .into_inner();
+    ensure!(page.proofs.len() <= 10_000);
+    // The database is as it was.
+    ensure!(bank::totals(&c).await?[A] == i64::from(ACCOUNTS) * BALANCE);
+    Ok(())
+}

@@ -141,6 +141,22 @@ async fn an_operator_sees_an_in_doubt_transfer_in_a_real_browser() -> Result<()>
         "{lookup}"
     );
 
+    // Hostile requests get clear codes; what the page echoes is escaped.
+    let hostile = &seen["hostile"];
+    for (name, status) in [("post", 405), ("long_query", 400), ("other_path", 404)] {
+        ensure!(
+            hostile[name]["status"] == status,
+            "{name}: {}",
+            hostile[name]
+        );
+    }
+    let markup = text(&hostile["markup"], "body");
+    ensure!(hostile["markup"]["status"] == 200, "{}", hostile["markup"]);
+    ensure!(
+        markup.contains("&lt;script&gt;") && !markup.contains("<script>"),
+        "the looked-up text was not escaped"
+    );
+
     // Refused: no certificate, or a client's.
     ensure!(seen["anonymous"]["status"] == 401, "{seen}");
     ensure!(text(&seen["anonymous"], "text").contains("no client certificate"));

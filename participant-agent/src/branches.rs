@@ -1186,8 +1186,10 @@ impl Branches {
         let limit = limit.clamp(1, paxos_commit_proto::limits::MAX_AUDIT_PAGE);
         let conn = self.pool.get().await.map_err(AgentError::pool)?;
         let fetch = limit as i64 + 1;
-        // No bound: three centuries, further back than any retention.
-        let secs = younger_than.map_or(1.0e10, |d| d.as_secs_f64());
+        // No bound (or a larger one): three centuries, further back than any retention and
+        // still an interval PostgreSQL can subtract from now().
+        const NO_BOUND_SECS: f64 = 1.0e10;
+        let secs = younger_than.map_or(NO_BOUND_SECS, |d| d.as_secs_f64().min(NO_BOUND_SECS));
         let rows = conn
             .query_typed(
                 "SELECT txid, coalesce(participants, '{}'::text[]), \
