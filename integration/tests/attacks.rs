@@ -762,3 +762,98 @@ async fn audit_calls_are_for_operators_and_refuse_malformed_lists() -> Result<()
     ensure!(bank::totals(&c).await?[A] == i64::from(ACCOUNTS) * BALANCE);
     Ok(())
 }
+
+/// The agent believes PREPARE TRANSACTION from its command tag alone (no look at
+/// `pg_prepared_xacts`): outside a transaction block PREPARE is a mere WARNING, so the
+/// assertion in front of it must stop every way of reaching it from anywhere but the branch's
+/// own transaction. Tried here with the agent's own batch, on the real database: outside any
+/// transaction, in a transaction begun by the same message, with a marker forged in that
+/// transaction, and (the one that must work) inside a branch begun earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_runs_only_inside_the_branch_s_own_transaction() -> Result<()> {
+    let c = deployment(Spec::new("attack-prepare", 1, &[A, B])).await?;
+    let db = c.db(A).await?;
+    let batch = |n: u32| {
+        paxos_commit_agent::branches::prepare_sql(
+            &format!("try-{n}"),
+            A,
+            &[A, B],
+            &format!("try-{n}"),
+        )
+    };
+    let refusals = [
+        // No transaction at all: the batch is its own implicit transaction.
+        batch(1),
+        // A transaction begun in the same message, marked as the branch.
+        format!(
+            "BEGIN; SET LOCAL paxos_commit.branch = 'try-2'; {}",
+            batch(2)
+        ),
+        // The marker forged with set_config in this message's implicit transaction.
+        format!(
+            "SELECT pg_catalog.set_config('paxos_commit.branch', 'try-3', true); {}",
+            batch(3)
+        ),
+        // A transaction begun earlier, but marked as another branch.
+        batch(4),
+    ];
+    for (i, sql) in refusals.iter().enumerate() {
+        if i == 3 {
+            db.batch_execute("BEGIN; SET LOCAL paxos_commit.branch = 'try-other'")
+                .await?;
+        }
+        let e = db
+            .batch_execute(sql)
+            .await
+            .err()
+            .with_context(|| format!("attempt {} prepared", i + 1))?;
+        ensure!(
+            e.code() == Some(&tokio_postgres::error::SqlState::INVALID_TRANSACTION_STATE),
+            "attempt {}: {e}",
+            i + 1
+        );
+        // Ends what attempts 2 and 4 left open and aborted (a mere warning otherwise).
+        db.batch_execute("ROLLBACK").await?;
+        ensure!(
+            leftovers(&db).await? == (0, 0),
+            "attempt {} left something",
+            i + 1
+        );
+    }
+
+    // The branch's own transaction, begun in an earlier message: it prepares, and every
+    // statement of the batch reports completion (the agent counts them).
+    db.batch_execute("BEGIN; SET LOCAL paxos_commit.branch = 'try-5'")
+        .await?;
+    db.batch_execute("UPDATE accounts SET balance = balance WHERE id = 1")
+        .await?;
+    let messages = db.simple_query(&batch(5)).await?;
+    let completed = messages
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_)))
+        .count();
+    ensure!(completed == 9, "{completed} statements completed");
+    ensure!(
+        leftovers(&db).await? == (1, 0),
+        "the branch did not prepare"
+    );
+    db.batch_execute("ROLLBACK PREPARED 'try-5'").await?;
+    Ok(())
+}
+
+/// Prepared transactions and commit proofs of `prepare_runs_only_inside_the_branch_s_own_transaction`.
+async fn leftovers(db: &tokio_postgres::Client) -> Result<(usize, usize)> {
+    let prepared = db
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'try-%'",
+            &[],
+        )
+        .await?;
+    let proofs = db
+        .query(
+            "SELECT txid FROM paxos_commit.committed WHERE txid LIKE 'try-%'",
+            &[],
+        )
+        .await?;
+    Ok((prepared.len(), proofs.len()))
+}

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::SimpleQueryMessage;
 
 /// Statements kept prepared per pooled connection; past it the cache starts over.
 const MAX_CACHED_STATEMENTS: usize = 256;
@@ -41,18 +42,24 @@ const MAX_CACHED_STATEMENTS: usize = 256;
 pub const MAX_PARAMS: usize = 65535;
 
 /// Run on a branch's connection right after its transaction ended (PREPARE TRANSACTION or
-/// ROLLBACK), pipelined behind that statement and as its own implicit transaction, before
-/// the connection goes back to the pool: whatever session state the branch's statements left
+/// ROLLBACK), in the same query message as that statement and as its own implicit
+/// transaction, before the connection goes back to the pool: whatever session state the branch's statements left
 /// is gone, so every connection at rest in the pool is clean (the agent's own work, which
 /// runs no client SQL, then needs no reset of its own). Settings made with `set_config(.., false)`
 /// (RESET ALL), a role or session user set the same way (RESET ALL leaves those), session
 /// advisory locks, LISTEN from dynamic SQL, temporary tables (which would shadow the next
 /// branch's tables of the same name), sequence state. Cursors need no CLOSE ALL: only
 /// DECLARE, which the guard refuses, makes one outlive its transaction. DISCARD ALL and
-/// DEALLOCATE are not here: the pool's statement cache must stay valid. About 0.15 ms of
-/// server time, once per branch, in the round trip that ends it.
+/// DEALLOCATE are not here: the pool's statement cache must stay valid. About 0.01 ms of
+/// server time, once per branch, in the message that ends it.
 const CLEAN_SESSION: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
      SELECT pg_catalog.pg_advisory_unlock_all(); UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
+
+/// The statements of the batch that prepares a branch (see `prepare_transaction`): the
+/// assertion, the proof, PREPARE TRANSACTION, then the six of [`CLEAN_SESSION`].
+const PREPARE_BATCH_STATEMENTS: usize = 3 + 6;
+/// Once this many of them completed, PREPARE TRANSACTION did.
+const PREPARED_AFTER: usize = 3;
 
 /// What PostgreSQL says about the transaction a connection is in: the branch marker and the
 /// transaction's start time. The marker alone could be forged with `set_config`; the start
@@ -764,11 +771,19 @@ impl Branches {
     }
 
     /// Opens the PostgreSQL transaction and runs the branch's first statement while the
-    /// enlistment is in flight. The session reset, BEGIN, the marker check and the statement
-    /// are pipelined on the connection (tokio-postgres sends requests in the order they are
-    /// first polled, here in one write), so the first statement costs one database round
-    /// trip, and the round trip to the leader hides behind it. The statement's own result
-    /// (which may be an error that fails the branch) comes back beside the connection.
+    /// enlistment is in flight. BEGIN with the branch marker, the statement and the marker
+    /// check behind it are pipelined on the connection (tokio-postgres sends requests in the
+    /// order they are first polled, here in one write), so the first statement costs one
+    /// database round trip, and the round trip to the leader hides behind it. The statement's
+    /// own result (which may be an error that fails the branch) comes back beside the
+    /// connection.
+    ///
+    /// The check behind the first statement also says when the branch's transaction began:
+    /// later checks compare with that. No check runs before the statement, because no single
+    /// statement can both leave the transaction and mark another one as this branch's (that
+    /// takes a transaction-control command and `set_config` on a `paxos_commit` name, which
+    /// the guard refuses, one statement per Execute); a statement that left it is seen by
+    /// the marker alone.
     async fn begin(
         &self,
         branch: &Branch,
@@ -780,39 +795,38 @@ impl Branches {
             let conn = self.pool.get().await.map_err(AgentError::pool)?;
             let _running = Running::on(branch, &conn);
             let begin_sql = self.begin_sql(txn);
-            let (begun, marked, ran) = tokio::join!(
+            let (begun, mut ran) = tokio::join!(
                 conn.batch_execute(&begin_sql),
-                mark(&conn),
                 statement(&conn, txn, sql, params, self.settings.max_result_bytes),
             );
-            let started = match (begun, marked) {
-                (Ok(()), Ok(m)) if m.branch == Some(txn.to_string()) => Ok(m.started),
-                (Ok(()), Ok(m)) => Err(AgentError::Database(format!(
-                    "the new transaction is not marked as branch {txn} but {:?}",
-                    m.branch
-                ))),
-                (Err(e), _) | (_, Err(e)) => Err(AgentError::sql(e)),
-            };
-            match started {
-                Ok(started) => {
-                    let expected = Mark {
-                        branch: Some(txn.to_string()),
-                        started,
-                    };
-                    let first = judge(txn, &expected, ran);
-                    Ok(Opened {
-                        conn,
-                        started,
-                        first,
-                    })
-                }
-                Err(e) => {
-                    // Whatever the statement did, it did outside our transaction or on a
-                    // broken connection: this connection does not go back to the pool.
-                    discard(conn);
-                    Err(e)
-                }
+            if let Err(e) = begun {
+                // Whatever the statement did, it did outside our transaction or on a broken
+                // connection: this connection does not go back to the pool.
+                discard(conn);
+                return Err(AgentError::sql(e));
             }
+            if ran.after.is_none() {
+                // Refused before it ran (parameters, types): the branch goes on, and later
+                // statements need to know where its transaction began.
+                ran.after = Some(mark(&conn).await);
+            }
+            let me = txn.to_string();
+            let started = match &ran.after {
+                Some(Ok(mark)) if mark.branch.as_deref() == Some(me.as_str()) => mark.started,
+                // The statement failed (the branch only rolls back from here) or left the
+                // transaction (the marker differs, and `judge` says so).
+                _ => PgTimestamp(i64::MIN),
+            };
+            let expected = Mark {
+                branch: Some(me),
+                started,
+            };
+            let first = judge(txn, &expected, ran);
+            Ok(Opened {
+                conn,
+                started,
+                first,
+            })
         };
         let (enlisted, opened) = tokio::join!(self.coordinators.enlist(txn), open);
         match (enlisted, opened) {
@@ -928,9 +942,15 @@ impl Branches {
     }
 
     /// `PREPARE TRANSACTION`, only from inside the branch's own transaction, with the commit
-    /// proof written in that transaction first; and only believed once PostgreSQL lists the
-    /// gid (outside a transaction block, PREPARE is a mere WARNING). The check of
-    /// `pg_prepared_xacts` is pipelined behind the batch: still one round trip.
+    /// proof written in that transaction first, and the session reset behind it: one query
+    /// message, one round trip, statements run in order until one fails.
+    ///
+    /// PREPARE outside a transaction block is a mere WARNING, reported as success. That
+    /// cannot happen here: `assert_branch` runs in the same message right before it and
+    /// raises unless the session is inside the branch's own transaction, begun before this
+    /// message (inside this message nothing but our own INSERT runs between the two). So
+    /// the command tags say what happened: PREPARE's is the third; an error after it is the
+    /// reset's, and the branch is prepared.
     ///
     /// The proof names every participant, so that an audit that finds it here knows which
     /// other databases must hold one too.
@@ -940,51 +960,28 @@ impl Branches {
         conn: Object,
         participants: &[Participant],
     ) -> Prepared {
-        let gid = self.gid(txn);
-        let txid = literal(&txn.to_string());
-        let all: Vec<String> = participants.iter().map(|p| literal(&p.id)).collect();
-        let batch = format!(
-            "SELECT paxos_commit.assert_branch({txid}); \
-             INSERT INTO paxos_commit.committed (txid, participant, participants) \
-             VALUES ({txid}, {}, ARRAY[{}]::text[]); \
-             PREPARE TRANSACTION {}",
-            literal(self.participant()),
-            all.join(", "),
-            literal(&gid),
-        );
-        let (prepared, listed, cleaned) = tokio::join!(
-            conn.batch_execute(&batch),
-            is_prepared_on(&conn, &gid),
-            conn.batch_execute(CLEAN_SESSION),
-        );
-        match (prepared, listed) {
-            (Ok(()), Ok(true)) if cleaned.is_ok() => Prepared::Yes,
-            (Ok(()), Ok(true)) => {
+        let all: Vec<&str> = participants.iter().map(|p| p.id.as_str()).collect();
+        let batch = prepare_sql(&txn.to_string(), self.participant(), &all, &self.gid(txn));
+        let (completed, result) = run_counting(&conn, &batch).await;
+        match result {
+            Ok(()) if completed == PREPARE_BATCH_STATEMENTS => Prepared::Yes,
+            _ if completed >= PREPARED_AFTER => {
                 // Prepared, but the session could not be reset: it does not go back.
+                if let Err(e) = result {
+                    tracing::warn!(%txn, "prepared, but resetting the session failed: {e}");
+                }
                 discard(conn);
                 Prepared::Yes
             }
-            (Ok(()), Ok(false)) => {
-                tracing::error!(
-                    %txn,
-                    "PREPARE TRANSACTION reported success but {gid} is not prepared: the \
-                     connection was not in the branch's transaction; voting Aborted"
-                );
-                discard(conn);
-                Prepared::No(cause_of(
-                    ErrorReason::StatementRefused,
-                    "",
-                    "the connection was not in the branch's transaction at PREPARE",
-                ))
-            }
-            (Ok(()), Err(e)) => {
-                tracing::warn!(%txn, "could not confirm PREPARE TRANSACTION: {e}");
+            Ok(()) => {
+                // Fewer command tags than statements and no error: not PostgreSQL talking.
+                tracing::error!(%txn, completed, "PREPARE's batch ended early without an error");
                 discard(conn);
                 Prepared::Unknown
             }
             // `assert_branch` found the connection outside the branch's transaction: nothing
             // about this session can be trusted any more.
-            (Err(e), _) if e.code() == Some(&SqlState::INVALID_TRANSACTION_STATE) => {
+            Err(e) if e.code() == Some(&SqlState::INVALID_TRANSACTION_STATE) => {
                 let e = AgentError::sql(e);
                 tracing::error!(%txn, "not preparing: {e}; closing the connection");
                 discard(conn);
@@ -992,13 +989,13 @@ impl Branches {
             }
             // PostgreSQL refused (the proof, or PREPARE itself): the transaction is aborted,
             // and ROLLBACK ends it before the connection goes back.
-            (Err(e), _) if e.as_db_error().is_some() => {
+            Err(e) if e.as_db_error().is_some() => {
                 let e = AgentError::sql(e);
                 tracing::warn!(%txn, "PREPARE TRANSACTION refused: {e}");
                 roll_back(conn).await;
                 Prepared::No(prepare_refused(&e))
             }
-            (Err(e), _) => {
+            Err(e) => {
                 tracing::warn!(%txn, "connection lost during PREPARE TRANSACTION: {e}");
                 Prepared::Unknown
             }
@@ -1676,12 +1673,49 @@ fn discard(conn: Object) {
 /// Rolls back the open transaction on `conn`. A connection on which that fails does not go
 /// back to the pool: the next branch would start inside the old transaction.
 async fn roll_back(conn: Object) {
-    let (rolled_back, cleaned) = tokio::join!(
-        conn.batch_execute("ROLLBACK"),
-        conn.batch_execute(CLEAN_SESSION)
-    );
-    if rolled_back.is_err() || cleaned.is_err() {
+    if conn
+        .batch_execute(&format!("ROLLBACK; {CLEAN_SESSION}"))
+        .await
+        .is_err()
+    {
         discard(conn);
+    }
+}
+
+/// The query message that prepares branch `txid` under `gid`: the assertion that the session
+/// is inside the branch's own transaction, the commit proof naming every participant,
+/// PREPARE TRANSACTION, and the session reset (see `Branches::prepare_transaction`).
+/// Public for the tests that run it where it must fail.
+pub fn prepare_sql(txid: &str, participant: &str, participants: &[&str], gid: &str) -> String {
+    let txid = literal(txid);
+    let all: Vec<String> = participants.iter().map(|p| literal(p)).collect();
+    format!(
+        "SELECT paxos_commit.assert_branch({txid}); \
+         INSERT INTO paxos_commit.committed (txid, participant, participants) \
+         VALUES ({txid}, {}, ARRAY[{}]::text[]); \
+         PREPARE TRANSACTION {}; {CLEAN_SESSION}",
+        literal(participant),
+        all.join(", "),
+        literal(gid),
+    )
+}
+
+/// Runs `batch` (several statements, one query message) and counts the statements that
+/// completed before it ended or failed.
+async fn run_counting(conn: &Object, batch: &str) -> (usize, Result<(), tokio_postgres::Error>) {
+    let stream = match conn.simple_query_raw(batch).await {
+        Ok(stream) => stream,
+        Err(e) => return (0, Err(e)),
+    };
+    futures::pin_mut!(stream);
+    let mut completed = 0;
+    loop {
+        match stream.try_next().await {
+            Ok(Some(SimpleQueryMessage::CommandComplete(_))) => completed += 1,
+            Ok(Some(_)) => {}
+            Ok(None) => return (completed, Ok(())),
+            Err(e) => return (completed, Err(e)),
+        }
     }
 }
 
@@ -1875,6 +1909,17 @@ mod tests {
             judge(txn(), &expected(), too_large),
             Verdict::Failed(_)
         ));
+    }
+
+    #[test]
+    fn the_prepare_batch_counts_the_session_reset_as_six_statements() {
+        // PREPARE's outcome is read from how many command tags came back: the count must
+        // follow the reset's text.
+        let reset = CLEAN_SESSION
+            .split(';')
+            .filter(|s| !s.trim().is_empty())
+            .count();
+        assert_eq!(PREPARE_BATCH_STATEMENTS, PREPARED_AFTER + reset);
     }
 
     #[test]
