@@ -29,6 +29,7 @@ pub enum ConfigError {
 pub struct FileConfig {
     pub group: Option<String>,
     pub id: Option<u32>,
+    pub id_from_hostname: Option<bool>,
     pub replicas: Option<Vec<String>>,
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
@@ -68,6 +69,11 @@ pub struct ConfigArgs {
     /// This replica's index in --replicas.
     #[arg(long, env = "PAXOS_COMMIT_ID")]
     pub id: Option<u32>,
+    /// Take the replica's index from the host name instead: the number after its last `-`
+    /// (`coordinator-2` is replica 2, as a StatefulSet names its pods). However the id is
+    /// given, `{id}` in --tls-cert, --tls-key and --data-dir stands for it.
+    #[arg(long, env = "PAXOS_COMMIT_ID_FROM_HOSTNAME")]
+    pub id_from_hostname: Option<bool>,
     /// Addresses (host:port) of all 2F+1 replicas, in replica-id order, comma separated.
     #[arg(long, env = "PAXOS_COMMIT_REPLICAS", value_delimiter = ',')]
     pub replicas: Option<Vec<String>>,
@@ -191,9 +197,57 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// The replica index a host name carries: the number after the last `-` of its first label
+/// (`coordinator-2`, `coordinator-2.coordinator.bank.svc`).
+pub fn id_in_hostname(hostname: &str) -> Result<u32, String> {
+    let first = hostname.split('.').next().unwrap_or_default();
+    let ordinal = first.rsplit_once('-').map(|(_, n)| n).unwrap_or_default();
+    if ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "the host name {hostname:?} does not end in -<replica id> (as coordinator-2 does)"
+        ));
+    }
+    ordinal
+        .parse()
+        .map_err(|_| format!("the replica id in host name {hostname:?} is too large"))
+}
+
+/// This machine's host name, as the kernel has it (in a pod: the pod's name).
+fn hostname() -> Result<String, String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, and gethostname writes at most that.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(format!(
+            "cannot read the host name: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).map_err(|_| "the host name is not UTF-8".to_string())
+}
+
+/// `{id}` in a path, replaced by the replica id: one Secret or one directory layout for
+/// every replica of a StatefulSet, each picking its own files.
+fn with_id(path: PathBuf, id: u32) -> PathBuf {
+    match path.to_str() {
+        Some(text) if text.contains("{id}") => PathBuf::from(text.replace("{id}", &id.to_string())),
+        _ => path,
+    }
+}
+
 impl ConfigArgs {
     /// File first, then flags and environment on top.
     pub fn resolve(&self) -> Result<ReplicaConfig, ConfigError> {
+        self.resolve_on(hostname)
+    }
+
+    /// [`ConfigArgs::resolve`], with the host name read by `hostname` (when the id comes
+    /// from it).
+    pub fn resolve_on(
+        &self,
+        hostname: impl FnOnce() -> Result<String, String>,
+    ) -> Result<ReplicaConfig, ConfigError> {
         let file = match &self.config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
@@ -209,7 +263,26 @@ impl ConfigArgs {
                 replicas.len()
             )));
         }
-        let id = self.id.or(file.id).unwrap_or(0);
+        let explicit = self.id.or(file.id);
+        let id = if self
+            .id_from_hostname
+            .or(file.id_from_hostname)
+            .unwrap_or(false)
+        {
+            let name = hostname().map_err(ConfigError::Invalid)?;
+            let from_name = id_in_hostname(&name).map_err(ConfigError::Invalid)?;
+            match explicit {
+                Some(given) if given != from_name => {
+                    return Err(ConfigError::Invalid(format!(
+                        "id {given} is given, and the host name {name:?} says {from_name}: \
+                         give one or the other"
+                    )))
+                }
+                _ => from_name,
+            }
+        } else {
+            explicit.unwrap_or(0)
+        };
         let own = replicas.get(id as usize).cloned().ok_or_else(|| {
             ConfigError::Invalid(format!(
                 "id {id} is not an index into the {} replicas",
@@ -229,8 +302,14 @@ impl ConfigArgs {
             &group,
             self.insecure.or(file.insecure).unwrap_or(false),
             self.tls_ca.clone().or(file.tls_ca),
-            self.tls_cert.clone().or(file.tls_cert),
-            self.tls_key.clone().or(file.tls_key),
+            self.tls_cert
+                .clone()
+                .or(file.tls_cert)
+                .map(|p| with_id(p, id)),
+            self.tls_key
+                .clone()
+                .or(file.tls_key)
+                .map(|p| with_id(p, id)),
         )
         .map_err(ConfigError::Invalid)?;
         let ms = |flag: Option<u64>, file: Option<u64>, default: u64| {
@@ -241,11 +320,13 @@ impl ConfigArgs {
             group,
             id,
             listen: self.listen.clone().or(file.listen).unwrap_or(own),
-            data_dir: self
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from(format!("paxos-commit-data/{id}"))),
+            data_dir: with_id(
+                self.data_dir
+                    .clone()
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| PathBuf::from("paxos-commit-data/{id}")),
+                id,
+            ),
             takeover_after: ms(self.takeover_after_ms, file.takeover_after_ms, 2_000),
             open_timeout: ms(self.open_timeout_ms, file.open_timeout_ms, 60_000),
             resend_after: ms(None, file.resend_after_ms, 1_000),
@@ -302,5 +383,80 @@ impl ReplicaConfig {
             resend_after_ms: ms(self.resend_after),
             retention_ms: ms(self.retention),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replica_id_is_the_number_after_the_last_dash_of_the_host_name() {
+        assert_eq!(id_in_hostname("coordinator-2"), Ok(2));
+        assert_eq!(id_in_hostname("paxos-commit-coordinator-0"), Ok(0));
+        assert_eq!(
+            id_in_hostname("coordinator-14.coordinator.bank.svc"),
+            Ok(14)
+        );
+        for bad in [
+            "coordinator",
+            "coordinator-",
+            "coordinator-x",
+            "coordinator-+1",
+            "coordinator- 1",
+            "coordinator-1a",
+            "",
+            "-",
+            "coordinator-99999999999",
+            "coordinator.-2",
+        ] {
+            assert!(id_in_hostname(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    fn args(id: Option<u32>, from_hostname: bool) -> ConfigArgs {
+        ConfigArgs {
+            id,
+            id_from_hostname: Some(from_hostname),
+            replicas: Some(vec!["a:1".into(), "b:1".into(), "c:1".into()]),
+            insecure: Some(true),
+            data_dir: Some(PathBuf::from("/var/lib/paxos-commit/{id}")),
+            ..ConfigArgs::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_takes_its_id_and_its_paths_from_the_host_name() {
+        let cfg = args(None, true)
+            .resolve_on(|| Ok("coordinator-2".into()))
+            .unwrap();
+        assert_eq!(cfg.id, 2);
+        assert_eq!(cfg.listen, "c:1");
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/paxos-commit/2"));
+        // The same id given twice is fine; two different ones are refused.
+        assert!(args(Some(2), true)
+            .resolve_on(|| Ok("coordinator-2".into()))
+            .is_ok());
+        let e = args(Some(1), true)
+            .resolve_on(|| Ok("coordinator-2".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("give one or the other"), "{e}");
+        // Beyond the replica list, or a name without an id: refused, not replica 0.
+        let e = args(None, true)
+            .resolve_on(|| Ok("coordinator-3".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("not an index"), "{e}");
+        assert!(args(None, true)
+            .resolve_on(|| Ok("db-host".into()))
+            .is_err());
+        assert!(args(None, true)
+            .resolve_on(|| Err("no host name".into()))
+            .is_err());
+        // Not asked for: the host name is not even read.
+        let cfg = args(Some(1), false)
+            .resolve_on(|| panic!("read the host name"))
+            .unwrap();
+        assert_eq!(cfg.id, 1);
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/paxos-commit/1"));
     }
 }

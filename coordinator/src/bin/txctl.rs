@@ -206,7 +206,11 @@ async fn main() -> ExitCode {
     if let Command::Certs(c) = &cli.command {
         return certs(cli.config.group.as_deref(), c);
     }
-    let cfg = match cli.config.resolve() {
+    // A replica's file may take its id from the host name; txctl is no replica and runs
+    // anywhere, so that setting is not its own.
+    let mut config = cli.config.clone();
+    config.id_from_hostname = Some(false);
+    let cfg = match config.resolve() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("txctl: {e}");
