@@ -1,6 +1,6 @@
 # One image for every paxos-commit process: the coordinator replica, the participant agent
 # and txctl. The build stage compiles the release binaries; the runtime stage carries only
-# them, their shared libraries' packages and the CA bundle, and runs as an unprivileged user.
+# them (they need only glibc) and runs as an unprivileged user.
 #
 #   podman build -t paxos-commit:latest .        (or docker build)
 #
@@ -10,6 +10,9 @@
 
 ARG RUST_IMAGE=docker.io/library/rust:1-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+# Where the binaries come from: the build stage below, or (where no Rust image can be
+# pulled, as in CI) an image holding binaries built outside, at /usr/local/bin.
+ARG BINARIES=build
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
@@ -24,15 +27,15 @@ RUN cargo build --release --locked -p paxos-commit-coordinator -p paxos-commit-a
     && install -m 0755 target/release/coordinator target/release/participant-agent \
         target/release/txctl /usr/local/bin/
 
+FROM ${BINARIES} AS binaries
+
+# No packages are added: the processes trust only the deployment's own CA, given as a file.
 FROM ${RUNTIME_IMAGE}
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 paxos-commit \
+RUN groupadd --system --gid 10001 paxos-commit \
     && useradd --system --uid 10001 --gid paxos-commit --home-dir /var/lib/paxos-commit \
         --shell /usr/sbin/nologin paxos-commit \
     && install -d -o paxos-commit -g paxos-commit -m 0700 /var/lib/paxos-commit
-COPY --from=build /usr/local/bin/coordinator /usr/local/bin/participant-agent \
+COPY --from=binaries /usr/local/bin/coordinator /usr/local/bin/participant-agent \
     /usr/local/bin/txctl /usr/local/bin/
 USER 10001:10001
 WORKDIR /var/lib/paxos-commit
