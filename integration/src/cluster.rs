@@ -8,6 +8,7 @@
 //! break the network between them.
 
 use crate::certs::{Files, TestPki};
+use crate::container::Container;
 use crate::pg::PgCluster;
 use crate::process::{binary_path, free_port, Proc, TestDir};
 use crate::proxy::{Net, Node, Source};
@@ -17,6 +18,7 @@ use paxos_commit_proto::pb;
 use paxos_commit_proto::tls::{Role, Tls};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,9 @@ pub struct Spec {
     /// Every replica serves its operator page ([`Cluster::operator_pages`]), and is told the
     /// agents' addresses so that the page shows them.
     pub operator_page: bool,
+    /// Run the replicas and agents from this container image (see [`crate::container`])
+    /// instead of the workspace's binaries.
+    pub image: Option<String>,
 }
 
 impl Spec {
@@ -102,6 +107,12 @@ impl Spec {
         self
     }
 
+    /// Runs the replicas and agents in containers of `image`.
+    pub fn with_image(mut self, image: &str) -> Spec {
+        self.image = Some(image.to_string());
+        self
+    }
+
     /// Sets an environment variable on every process, replicas and agents.
     pub fn with_env(mut self, key: &str, value: &str) -> Spec {
         self.env.push((key.into(), value.into()));
@@ -145,6 +156,7 @@ impl Spec {
             database_tls: false,
             audit_interval_ms: None,
             operator_page: false,
+            image: None,
             env: vec![(
                 "RUST_LOG".to_string(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -201,6 +213,39 @@ pub fn arm_crash_point(marker: &std::path::Path) -> Result<()> {
     std::fs::remove_file(marker).context("removing a crash marker")
 }
 
+/// A replica's command line the way the StatefulSet gives it: no `--id`, the TLS files and
+/// the data directory as `PAXOS_COMMIT_*` variables with `{id}` in their paths, and
+/// `PAXOS_COMMIT_ID_FROM_HOSTNAME` (the container's host name is `coordinator-<i>`).
+fn as_in_a_stateful_set(
+    i: usize,
+    args: Vec<String>,
+    mut env: Vec<(String, String)>,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let own = format!("replica-{i}");
+    let mut kept = Vec::new();
+    let mut pairs = args.chunks(2);
+    for pair in pairs.by_ref() {
+        let [flag, value] = pair else {
+            kept.extend(pair.iter().cloned());
+            continue;
+        };
+        let var = match flag.as_str() {
+            "--id" => continue,
+            "--tls-ca" => "PAXOS_COMMIT_TLS_CA",
+            "--tls-cert" => "PAXOS_COMMIT_TLS_CERT",
+            "--tls-key" => "PAXOS_COMMIT_TLS_KEY",
+            "--data-dir" => "PAXOS_COMMIT_DATA_DIR",
+            _ => {
+                kept.extend([flag.clone(), value.clone()]);
+                continue;
+            }
+        };
+        env.push((var.into(), value.replace(&own, "replica-{id}")));
+    }
+    env.push(("PAXOS_COMMIT_ID_FROM_HOSTNAME".into(), "true".into()));
+    (kept, env)
+}
+
 fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
@@ -235,6 +280,49 @@ impl Cluster {
             Routes::proxied(&replica_addrs, &agent_listen, &replica_dir).await?
         } else {
             Routes::direct(&replica_addrs, &agent_listen)
+        };
+        let container = spec.image.as_ref().map(|image| Container {
+            image: image.clone(),
+            shared_dir: dir.path().to_path_buf(),
+        });
+        let unique = dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let writable: Vec<PathBuf> = (0..spec.replicas).map(|i| replica_dir(i).into()).collect();
+        let certs = pki.as_ref().map(|p| p.dir.clone());
+        // A server from the workspace's binaries, or from the image.
+        let launch = |name: &str,
+                      hostname: Option<&str>,
+                      binary: &Path,
+                      args: &[String],
+                      env: &[(String, String)],
+                      log: PathBuf|
+         -> Result<Proc> {
+            match &container {
+                None => Proc::spawn(name, binary, args, env, log),
+                Some(container) => {
+                    // Again before each start: a process's certificate is written when its
+                    // command line is made.
+                    let writable: Vec<&Path> = writable.iter().map(PathBuf::as_path).collect();
+                    let certs = certs
+                        .as_deref()
+                        .context("the image runs with TLS: no insecure spec")?;
+                    container.share(&writable, certs)?;
+                    let program = Path::new("/usr/local/bin")
+                        .join(binary.file_name().context("a binary's file name")?);
+                    Proc::spawn_in_container(
+                        &format!("{unique}-{name}"),
+                        container,
+                        hostname,
+                        &program.display().to_string(),
+                        args,
+                        env,
+                        log,
+                    )
+                }
+            }
         };
         let coordinator = binary_path("coordinator")?;
         let mut replicas = Vec::new();
@@ -272,8 +360,15 @@ impl Cluster {
                 operator_pages.push(page);
             }
             env.extend(spec.replica_env.get(&i).cloned().unwrap_or_default());
-            replicas.push(Proc::spawn(
+            let hostname = format!("coordinator-{i}");
+            if container.is_some() {
+                // As the StatefulSet runs it (deploy/kubernetes): the id from the pod's
+                // host name, and `{id}` in the paths instead of the id.
+                (args, env) = as_in_a_stateful_set(i, args, env);
+            }
+            replicas.push(launch(
                 &format!("replica-{i}"),
+                container.is_some().then_some(hostname.as_str()),
                 &coordinator,
                 &args,
                 &env,
@@ -330,8 +425,9 @@ impl Cluster {
             env.extend(spec.agent_env.get(p).cloned().unwrap_or_default());
             agents.insert(
                 p.clone(),
-                Proc::spawn(
+                launch(
                     &format!("agent-{p}"),
+                    None,
                     &agent_bin,
                     &args,
                     &env,

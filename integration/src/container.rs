@@ -44,10 +44,12 @@ pub struct Container {
 
 impl Container {
     /// The podman arguments that run `program` (a path inside the image) with `args` and
-    /// `envs` as the container `name`, replacing a leftover of the same name.
+    /// `envs` as the container `name` (with its own `hostname`, if given), replacing a
+    /// leftover of the same name.
     pub fn run_args(
         &self,
         name: &str,
+        hostname: Option<&str>,
         program: &str,
         args: &[String],
         envs: &[(String, String)],
@@ -77,6 +79,10 @@ impl Container {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(hostname) = hostname {
+            out.push("--hostname".into());
+            out.push(hostname.into());
+        }
         for (k, v) in envs {
             out.push("--env".into());
             out.push(format!("{k}={v}"));

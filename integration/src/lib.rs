@@ -23,6 +23,7 @@ pub mod bank;
 pub mod browser;
 pub mod certs;
 pub mod cluster;
+pub mod container;
 pub mod nemesis;
 pub mod pg;
 pub mod process;

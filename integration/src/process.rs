@@ -304,6 +304,8 @@ pub struct Proc {
     envs: Vec<(String, String)>,
     log_path: PathBuf,
     state: Mutex<ProcState>,
+    /// The container this process is the `podman run` of, removed when it is killed.
+    container: Option<String>,
 }
 
 impl fmt::Debug for Proc {
@@ -327,17 +329,51 @@ impl Proc {
         envs: &[(String, String)],
         log_path: impl AsRef<Path>,
     ) -> Result<Proc> {
+        Proc::start(name, binary.as_ref(), args, envs, log_path.as_ref(), None)
+    }
+
+    /// Like [`Proc::spawn`], with `program` (its path inside the image) run in a container
+    /// named `name` from `container`'s image, with its own `hostname` if given.
+    pub fn spawn_in_container(
+        name: &str,
+        container: &crate::container::Container,
+        hostname: Option<&str>,
+        program: &str,
+        args: &[String],
+        envs: &[(String, String)],
+        log_path: impl AsRef<Path>,
+    ) -> Result<Proc> {
+        let run = container.run_args(name, hostname, program, args, envs);
+        Proc::start(
+            name,
+            Path::new("podman"),
+            &run,
+            &[],
+            log_path.as_ref(),
+            Some(name.to_owned()),
+        )
+    }
+
+    fn start(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        log_path: &Path,
+        container: Option<String>,
+    ) -> Result<Proc> {
         let proc = Proc {
             name: name.to_owned(),
-            binary: binary.as_ref().to_path_buf(),
+            binary: binary.to_path_buf(),
             args: args.to_vec(),
             envs: envs.to_vec(),
-            log_path: log_path.as_ref().to_path_buf(),
+            log_path: log_path.to_path_buf(),
             state: Mutex::new(ProcState {
                 child: None,
                 last_exit: None,
                 spawn_count: 0,
             }),
+            container,
         };
         proc.spawn_locked(&mut lock(&proc.state))?;
         Ok(proc)
@@ -439,6 +475,9 @@ impl Proc {
                 .wait()
                 .with_context(|| format!("reaping {} after SIGKILL", self.name))?;
             state.last_exit = Some(status);
+        }
+        if let Some(container) = &self.container {
+            crate::container::remove(container);
         }
         Ok(())
     }
@@ -613,6 +652,9 @@ impl Drop for Proc {
         if let Some(mut child) = state.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(container) = &self.container {
+            crate::container::remove(container);
         }
     }
 }
