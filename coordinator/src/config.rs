@@ -52,6 +52,7 @@ pub struct FileConfig {
     pub audit_interval_ms: Option<u64>,
     pub audit_window_ms: Option<u64>,
     pub operator_listen: Option<String>,
+    pub health_listen: Option<String>,
     /// Agents, for txctl: participant id → address.
     #[serde(default)]
     pub agents: std::collections::BTreeMap<String, String>,
@@ -153,6 +154,10 @@ pub struct ConfigArgs {
     /// operator certificates only, unless the deployment runs insecure); none when unset.
     #[arg(long, env = "PAXOS_COMMIT_OPERATOR_LISTEN")]
     pub operator_listen: Option<String>,
+    /// Where to serve the gRPC health service alone, in plaintext (host:port), for probes
+    /// that speak no TLS (Kubernetes' gRPC probe); none when unset.
+    #[arg(long, env = "PAXOS_COMMIT_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
 }
 
 /// The resolved configuration of a replica.
@@ -184,6 +189,8 @@ pub struct ReplicaConfig {
     pub audit_window: Duration,
     /// The operator page's listener (host:port), if any.
     pub operator_listen: Option<String>,
+    /// The plaintext health-only listener (host:port), if any.
+    pub health_listen: Option<String>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -368,6 +375,7 @@ impl ConfigArgs {
                 (2 * audit_interval.as_millis() as u64).max(60_000),
             ),
             operator_listen: self.operator_listen.clone().or(file.operator_listen),
+            health_listen: self.health_listen.clone().or(file.health_listen),
         })
     }
 }

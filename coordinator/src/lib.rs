@@ -101,6 +101,12 @@ pub async fn serve(
     health_reporter
         .set_serving::<CoordinatorServer<Handle>>()
         .await;
+    if let Some(listen) = &cfg.health_listen {
+        let bound = paxos_commit_proto::health::serve(listen, health.clone())
+            .await
+            .map_err(CoordinatorError::InvalidArgument)?;
+        tracing::info!(%bound, "health service (alone, plaintext) serving");
+    }
     let life = Lifecycle::new(health_reporter);
     let cfg = Arc::new(cfg);
     let handle = Handle::new(cfg.clone(), tx.clone(), life.clone())?;

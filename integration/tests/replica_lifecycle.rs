@@ -9,7 +9,7 @@
 use anyhow::{bail, Context, Result};
 use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
-use paxos_commit_integration::process::Proc;
+use paxos_commit_integration::process::{free_port, Proc};
 use paxos_commit_proto::client::{Client, ClientError};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::EXIT_REFUSED;
@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 const A: &str = "bank_a";
 const B: &str = "bank_b";
@@ -365,17 +368,44 @@ fn rejoin(c: &Cluster, i: usize) -> Result<Proc> {
 async fn a_stalled_log_device_takes_the_replica_out_of_service() -> Result<()> {
     let stall = tempfile::tempdir()?;
     let stall_file = stall.path().join("stall");
+    // The plaintext health listener (what Kubernetes' gRPC probe reads) must tell the same.
+    let health_addr = format!("127.0.0.1:{}", free_port()?);
+    let agent_health = format!("127.0.0.1:{}", free_port()?);
     let c = cluster("stalled-log", |mut s| {
+        s.agent_env.insert(
+            A.into(),
+            vec![("PAXOS_AGENT_HEALTH_LISTEN".into(), agent_health.clone())],
+        );
         s.replica_env.insert(
             0,
-            vec![(
-                "PAXOS_COMMIT_LOG_STALL_FILE".into(),
-                stall_file.display().to_string(),
-            )],
+            vec![
+                (
+                    "PAXOS_COMMIT_LOG_STALL_FILE".into(),
+                    stall_file.display().to_string(),
+                ),
+                ("PAXOS_COMMIT_HEALTH_LISTEN".into(), health_addr.clone()),
+            ],
         );
         s
     })
     .await?;
+    let plaintext = tonic::transport::Endpoint::from_shared(format!("http://{health_addr}"))?
+        .connect()
+        .await?;
+    let mut probe = HealthClient::new(plaintext.clone());
+    ensure_status(&mut probe, ServingStatus::Serving).await?;
+    let agent_probe = tonic::transport::Endpoint::from_shared(format!("http://{agent_health}"))?
+        .connect()
+        .await?;
+    ensure_status(&mut HealthClient::new(agent_probe), ServingStatus::Serving).await?;
+    // Health alone: nothing else answers there, not even to a well-formed call.
+    let other = pb::coordinator_client::CoordinatorClient::new(plaintext)
+        .begin(pb::BeginRequest::default())
+        .await;
+    match other {
+        Err(s) if s.code() == tonic::Code::Unimplemented => {}
+        other => bail!("the health listener answered Begin: {other:?}"),
+    }
     let commit_timeout = Duration::from_millis(c.spec.commit_timeout_ms);
     std::fs::write(&stall_file, b"")?;
     let stalled_at = Instant::now();
@@ -403,6 +433,7 @@ async fn a_stalled_log_device_takes_the_replica_out_of_service() -> Result<()> {
         degraded.state_reason.contains("has not returned"),
         "{degraded:?}"
     );
+    ensure_status(&mut probe, ServingStatus::NotServing).await?;
 
     // Begin on it is refused at once, with the reason.
     let started = Instant::now();
@@ -465,7 +496,32 @@ async fn a_stalled_log_device_takes_the_replica_out_of_service() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    ensure_status(&mut probe, ServingStatus::Serving).await?;
     commits_on(&c, 0).await
+}
+
+/// Waits (at most 5 s) until the health service reports `want` for the whole server.
+async fn ensure_status(
+    probe: &mut HealthClient<tonic::transport::Channel>,
+    want: ServingStatus,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = probe
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner()
+            .status();
+        if got == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("health says {got:?}, not {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

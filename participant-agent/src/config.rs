@@ -50,6 +50,7 @@ struct FileConfig {
     commit_proof_retention_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     metrics_listen: Option<String>,
+    health_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -138,6 +139,10 @@ pub struct AgentArgs {
     /// unset.
     #[arg(long, env = "PAXOS_AGENT_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Where to serve the gRPC health service alone, in plaintext (host:port), for probes
+    /// that speak no TLS (Kubernetes' gRPC probe); none when unset.
+    #[arg(long, env = "PAXOS_AGENT_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +171,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// The Prometheus listener (host:port), if any.
     pub metrics_listen: Option<String>,
+    /// The plaintext health-only listener (host:port), if any.
+    pub health_listen: Option<String>,
 }
 
 impl AgentArgs {
@@ -313,6 +320,7 @@ impl AgentArgs {
                     .unwrap_or(3_000),
             ),
             metrics_listen: self.metrics_listen.clone().or(file.metrics_listen),
+            health_listen: self.health_listen.clone().or(file.health_listen),
         })
     }
 }

@@ -28,6 +28,7 @@ pub fn reflection_service() -> Result<
 
 pub mod client;
 pub mod convert;
+pub mod health;
 pub mod heuristic;
 pub mod limits;
 pub mod metrics;
