@@ -102,10 +102,9 @@ pub async fn serve(
         .set_serving::<CoordinatorServer<Handle>>()
         .await;
     if let Some(listen) = &cfg.health_listen {
-        let bound = paxos_commit_proto::health::serve(listen, health.clone())
+        paxos_commit_proto::health::serve(listen, health.clone())
             .await
             .map_err(CoordinatorError::InvalidArgument)?;
-        tracing::info!(%bound, "health service (alone, plaintext) serving");
     }
     let life = Lifecycle::new(health_reporter);
     let cfg = Arc::new(cfg);

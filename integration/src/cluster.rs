@@ -223,8 +223,7 @@ fn as_in_a_stateful_set(
 ) -> (Vec<String>, Vec<(String, String)>) {
     let own = format!("replica-{i}");
     let mut kept = Vec::new();
-    let mut pairs = args.chunks(2);
-    for pair in pairs.by_ref() {
+    for pair in args.chunks(2) {
         let [flag, value] = pair else {
             kept.extend(pair.iter().cloned());
             continue;
@@ -305,7 +304,6 @@ impl Cluster {
                 Some(container) => {
                     // Again before each start: a process's certificate is written when its
                     // command line is made.
-                    let writable: Vec<&Path> = writable.iter().map(PathBuf::as_path).collect();
                     let certs = certs
                         .as_deref()
                         .context("the image runs with TLS: no insecure spec")?;
@@ -360,15 +358,15 @@ impl Cluster {
                 operator_pages.push(page);
             }
             env.extend(spec.replica_env.get(&i).cloned().unwrap_or_default());
-            let hostname = format!("coordinator-{i}");
-            if container.is_some() {
+            let hostname = container.is_some().then(|| format!("coordinator-{i}"));
+            if hostname.is_some() {
                 // As the StatefulSet runs it (deploy/kubernetes): the id from the pod's
                 // host name, and `{id}` in the paths instead of the id.
                 (args, env) = as_in_a_stateful_set(i, args, env);
             }
             replicas.push(launch(
                 &format!("replica-{i}"),
-                container.is_some().then_some(hostname.as_str()),
+                hostname.as_deref(),
                 &coordinator,
                 &args,
                 &env,

@@ -93,7 +93,7 @@ impl Container {
     }
 
     /// Lets the image's user read the certificates and write where the servers write.
-    pub fn share(&self, writable: &[&Path], readable: &Path) -> Result<()> {
+    pub fn share(&self, writable: &[PathBuf], readable: &Path) -> Result<()> {
         let open = |p: &Path, mode: u32| {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
                 .with_context(|| format!("chmod {}", p.display()))

@@ -43,9 +43,9 @@ pub const MAX_PARAMS: usize = 65535;
 
 /// Run on a branch's connection right after its transaction ended (PREPARE TRANSACTION or
 /// ROLLBACK), in the same query message as that statement and as its own implicit
-/// transaction, before the connection goes back to the pool: whatever session state the branch's statements left
-/// is gone, so every connection at rest in the pool is clean (the agent's own work, which
-/// runs no client SQL, then needs no reset of its own). Settings made with `set_config(.., false)`
+/// transaction, before the connection goes back to the pool: whatever session state the
+/// branch's statements left is gone, so every connection at rest in the pool is clean (the
+/// agent's own work, which runs no client SQL, then needs no reset of its own). Settings made with `set_config(.., false)`
 /// (RESET ALL), a role or session user set the same way (RESET ALL leaves those), session
 /// advisory locks, LISTEN from dynamic SQL, temporary tables (which would shadow the next
 /// branch's tables of the same name), sequence state. Cursors need no CLOSE ALL: only
@@ -56,10 +56,24 @@ const CLEAN_SESSION: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
      SELECT pg_catalog.pg_advisory_unlock_all(); UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES";
 
 /// The statements of the batch that prepares a branch (see `prepare_transaction`): the
-/// assertion, the proof, PREPARE TRANSACTION, then the six of [`CLEAN_SESSION`].
-const PREPARE_BATCH_STATEMENTS: usize = 3 + 6;
+/// assertion, the proof, PREPARE TRANSACTION, then those of [`CLEAN_SESSION`].
+const PREPARE_BATCH_STATEMENTS: usize = PREPARED_AFTER + statements_in(CLEAN_SESSION);
 /// Once this many of them completed, PREPARE TRANSACTION did.
 const PREPARED_AFTER: usize = 3;
+
+/// The statements of `sql`, our own constant text with no `;` inside a literal.
+const fn statements_in(sql: &str) -> usize {
+    let bytes = sql.as_bytes();
+    let mut count = 1;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b';' {
+            count += 1;
+        }
+        i += 1;
+    }
+    count
+}
 
 /// What PostgreSQL says about the transaction a connection is in: the branch marker and the
 /// transaction's start time. The marker alone could be forged with `set_config`; the start

@@ -146,10 +146,9 @@ pub async fn serve(
         .set_serving::<AgentServer<AgentService>>()
         .await;
     if let Some(listen) = &cfg.health_listen {
-        let bound = paxos_commit_proto::health::serve(listen, health.clone())
+        paxos_commit_proto::health::serve(listen, health.clone())
             .await
             .map_err(ServeError::Startup)?;
-        tracing::info!(%bound, "health service (alone, plaintext) serving");
     }
     let (stop_streams, stopped) = tokio::sync::watch::channel(false);
     let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();

@@ -12,7 +12,7 @@ const STREAMS_PER_CONNECTION: u32 = 4;
 
 /// Binds `listen` (host:port) now, so that a bad address fails the start, and serves
 /// `health` on it in the background until the process ends.
-pub async fn serve<S: Health>(listen: &str, health: HealthServer<S>) -> Result<SocketAddr, String> {
+pub async fn serve<S: Health>(listen: &str, health: HealthServer<S>) -> Result<(), String> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|e| format!("health_listen {listen:?}: {e}"))?;
@@ -23,6 +23,7 @@ pub async fn serve<S: Health>(listen: &str, health: HealthServer<S>) -> Result<S
         .local_addr()
         .map_err(|e| format!("health listener on {addr}: {e}"))?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tracing::info!(%bound, "health service (alone, plaintext) serving");
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .max_concurrent_streams(STREAMS_PER_CONNECTION)
@@ -35,5 +36,5 @@ pub async fn serve<S: Health>(listen: &str, health: HealthServer<S>) -> Result<S
             tracing::error!("health listener on {bound} stopped: {e}");
         }
     });
-    Ok(bound)
+    Ok(())
 }
