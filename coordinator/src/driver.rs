@@ -24,8 +24,8 @@ use crate::outcomes::{Archive, Index};
 use crate::peers::Peers;
 use crate::traces::Traces;
 use paxos_commit_core::{
-    AbortCause, LocalStatus, Msg, Outcome, Output, Participant, Record, Replica, ReplicaId, Stats,
-    TxnError, TxnId, Vote,
+    AbortCause, JoinAnswer, JoinMode, LocalStatus, Msg, Outcome, Output, Participant, Record,
+    Replica, ReplicaId, Stats, TxnError, TxnId, Vote,
 };
 use paxos_commit_proto::telemetry::TraceParent;
 use std::collections::{HashMap, HashSet};
@@ -112,9 +112,28 @@ pub enum Command {
         participants: Vec<Participant>,
         reply: DecisionReply,
     },
-    /// Paxos messages from peers, each with the trace context it carried.
+    /// Paxos messages from peers, each with the trace context it carried; `replica` names
+    /// the sending replica and its incarnation when a replica sent them (not an agent).
     Deliver {
+        replica: Option<(ReplicaId, u64)>,
         msgs: Vec<(ReplicaId, Msg, Option<TraceParent>)>,
+    },
+    /// Peer `from` asks to be admitted as `incarnation`; answered once its fence is durable.
+    Join {
+        from: ReplicaId,
+        incarnation: u64,
+        mode: JoinMode,
+        /// With this replica's own incarnation (0 for none).
+        reply: oneshot::Sender<(JoinAnswer, u64)>,
+    },
+    /// Peer `from` admitted this replica and lives as `incarnation`.
+    JoinAnswered {
+        from: ReplicaId,
+        incarnation: u64,
+    },
+    /// Every peer admitted this replica; answered once that is durable.
+    Admitted {
+        reply: oneshot::Sender<()>,
     },
     Applied {
         txn: TxnId,
@@ -166,6 +185,8 @@ struct Waiter {
 /// Counters of what the replica did, for the protocol-cost figures and txctl.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Counters {
+    /// Batches dropped as sent by an incarnation of a peer that is not the admitted one.
+    pub not_heard: u64,
     pub fsyncs: u64,
     pub records: u64,
     pub batches: u64,
@@ -244,6 +265,8 @@ pub struct Driver {
     timers_after: Option<Instant>,
     /// Trace contexts and open spans of transactions, when this process exports traces.
     traces: Traces,
+    /// When each peer's unheard incarnation was last reported.
+    not_heard_said: HashMap<ReplicaId, Instant>,
 }
 
 /// How late a wake-up must be to mean that this process was paused.
@@ -320,6 +343,7 @@ impl Driver {
             drained: Vec::new(),
             timers_after: None,
             traces: Traces::default(),
+            not_heard_said: HashMap::new(),
         }
     }
 
@@ -512,7 +536,13 @@ impl Driver {
                     .resolve(now, txn, participant.as_deref(), &participants);
                 self.answer_or_wait(txn, Until::Decided, result, reply);
             }
-            Command::Deliver { msgs } => {
+            Command::Deliver { replica, msgs } => {
+                if let Some((from, incarnation)) = replica {
+                    if !self.core.hears(from, incarnation) {
+                        self.not_heard(from, incarnation);
+                        return;
+                    }
+                }
                 let draining = self.life.is_draining();
                 let me = self.core.config().id;
                 for (from, msg, trace) in msgs {
@@ -601,6 +631,41 @@ impl Driver {
                 let committed = self.core.committed_after(after, limit);
                 self.reply_after_sync(move || {
                     let _ = reply.send(committed);
+                });
+            }
+            Command::Join {
+                from,
+                incarnation,
+                mode,
+                reply,
+            } => {
+                let answer = self.core.on_join(from, incarnation, mode);
+                match answer {
+                    JoinAnswer::Admitted => {
+                        tracing::info!(replica = from, incarnation, ?mode, "admitted a replica")
+                    }
+                    JoinAnswer::Known { incarnation: known } => tracing::error!(
+                        replica = from,
+                        incarnation,
+                        known,
+                        ?mode,
+                        "refused a replica's join: it ran before as another incarnation, so its \
+                         acceptor log was lost (it must be restored, or the replica started with \
+                         --rejoin)"
+                    ),
+                }
+                let own = self.core.incarnation().unwrap_or(0);
+                self.reply_after_sync(move || {
+                    let _ = reply.send((answer, own));
+                });
+            }
+            Command::JoinAnswered { from, incarnation } => {
+                self.core.on_join_answer(from, incarnation);
+            }
+            Command::Admitted { reply } => {
+                self.core.on_admitted();
+                self.reply_after_sync(move || {
+                    let _ = reply.send(());
                 });
             }
             Command::Info { reply } => {
@@ -923,6 +988,26 @@ impl Driver {
                 "nack: refused a ballot below this acceptor's promise"
             ),
             _ => tracing::debug!(?to, kind = crate::peers::kind(msg), txn = %msg.txn(), "send"),
+        }
+    }
+
+    /// Messages from an incarnation of a peer other than the one admitted here: a process
+    /// whose replica was replaced (`--rejoin`) while it still ran, or messages delayed from
+    /// before. Said once a minute per peer at most, since such a sender retries forever.
+    fn not_heard(&mut self, from: ReplicaId, incarnation: u64) {
+        self.counters.not_heard += 1;
+        let now = Instant::now();
+        let last = self.not_heard_said.entry(from).or_insert(now);
+        if *last == now || now.duration_since(*last) >= Duration::from_secs(60) {
+            *last = now;
+            tracing::warn!(
+                replica = from,
+                incarnation,
+                known = ?self.core.stats().incarnation,
+                dropped = self.counters.not_heard,
+                "dropped messages from an incarnation of a replica this one does not know (a \
+                 replaced process still running, or messages from before it was replaced)"
+            );
         }
     }
 

@@ -5,7 +5,8 @@
 //! * [`config`] — TOML file + flags + environment, shared with txctl;
 //! * [`log`] — the acceptor's durable log (fsync'd, group-committed, compacted, refused when
 //!   damaged); [`dirlock`] — one process per data directory;
-//! * [`lifecycle`] — serving, degraded (a stalled disk) or draining (asked to stop);
+//! * [`lifecycle`] — joining, serving, degraded (a stalled disk) or draining (asked to stop);
+//! * [`join`] — a new log's admission by every peer, before it acts as a replica;
 //! * [`driver`] — the task that owns the core and the log and keeps the persist-then-send rule;
 //! * [`peers`] — outbound messages to replicas (batched) and agents;
 //! * [`traces`] — each transaction's trace context and open spans, beside the core;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod dirlock;
 pub mod driver;
 pub mod error;
+pub mod join;
 pub mod lifecycle;
 pub mod log;
 pub mod operator_html;
@@ -40,7 +42,7 @@ use crate::log::{DurableLog, LogError};
 use crate::outcomes::Archive;
 use crate::peers::Peers;
 use crate::server::Handle;
-use paxos_commit_core::{Record, Replica};
+use paxos_commit_core::{JoinMode, Record, Replica};
 use paxos_commit_proto::pb::acceptor_server::AcceptorServer;
 use paxos_commit_proto::pb::coordinator_server::CoordinatorServer;
 use std::future::Future;
@@ -95,7 +97,13 @@ pub async fn serve(
         }
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let peers = Peers::start(cfg.id, &cfg.replicas, cfg.security.clone())
+    let incarnation = core.incarnation();
+    let joining = (!core.is_admitted()).then_some(if stats.rejoined {
+        JoinMode::Rejoin
+    } else {
+        JoinMode::First
+    });
+    let peers = Peers::start(cfg.id, incarnation, &cfg.replicas, cfg.security.clone())
         .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -107,6 +115,9 @@ pub async fn serve(
             .map_err(CoordinatorError::InvalidArgument)?;
     }
     let life = Lifecycle::new(health_reporter);
+    if joining.is_some() {
+        life.set_joining(true);
+    }
     let cfg = Arc::new(cfg);
     let handle = Handle::new(cfg.clone(), tx.clone(), life.clone())?;
     tokio::spawn(
@@ -140,6 +151,15 @@ pub async fn serve(
     operator_page::start(cfg.clone(), handle.clone(), last_audit).await?;
     let reflection = paxos_commit_proto::reflection_service()
         .map_err(|e| CoordinatorError::InvalidArgument(format!("reflection: {e}")))?;
+    let admitted = {
+        let (cfg, commands, life) = (cfg.clone(), tx.clone(), life.clone());
+        async move {
+            if let (Some(mode), Some(incarnation)) = (joining, incarnation) {
+                join::join(cfg, incarnation, mode, commands, life).await?;
+            }
+            std::future::pending::<Result<(), CoordinatorError>>().await
+        }
+    };
     let stop = drain_on(shutdown, life.clone(), tx, cfg.drain_timeout);
     let max = paxos_commit_proto::limits::MAX_MESSAGE_BYTES;
     let serving = server
@@ -154,6 +174,8 @@ pub async fn serve(
     tokio::select! {
         served = serving => served
             .map_err(|e| CoordinatorError::InvalidArgument(format!("serving on {addr}: {e}"))),
+        // Only a refusal ends this: a peer knows this replica as another incarnation.
+        refused = admitted => refused,
         // Every stream is told to end when the replica closes; a connection that still does
         // not finish (a peer that stopped reading) must not hold the process.
         () = async {
@@ -205,10 +227,25 @@ async fn open_log(
             e => CoordinatorError::Log(e),
         };
         if !rejoin {
-            return DurableLog::<Record>::open(&dir).map_err(refused);
+            let (mut log, mut records) = DurableLog::<Record>::open(&dir).map_err(refused)?;
+            if !records
+                .iter()
+                .any(|r| matches!(r, Record::Incarnation { .. }))
+            {
+                // A new log (or one from before incarnations) is given its life's name
+                // before anything else: the replica then joins under it.
+                let born = Record::Incarnation {
+                    incarnation: new_incarnation(),
+                };
+                log.append_batch(std::slice::from_ref(&born))?;
+                records.push(born);
+            }
+            return Ok((log, records));
         }
         match DurableLog::<Record>::open(&dir) {
-            Ok((_, records)) if !records.is_empty() => {
+            // A log never admitted (the refused start of a lost one, or a rejoin cut short)
+            // holds no promise: it may be set aside like a lost one.
+            Ok((_, records)) if !records.is_empty() && !never_admitted(&records) => {
                 return Err(CoordinatorError::Refused(format!(
                     "--rejoin is for a replica whose acceptor log is damaged or lost, but the \
                      log in {} is intact ({} records): start it without --rejoin",
@@ -221,16 +258,40 @@ async fn open_log(
         }
         let aside = DurableLog::<Record>::set_aside(&dir)?;
         let (mut log, _) = DurableLog::<Record>::open(&dir)?;
-        log.append_batch(&[Record::Rejoined])?;
+        let born = [
+            Record::Incarnation {
+                incarnation: new_incarnation(),
+            },
+            Record::Rejoined,
+        ];
+        log.append_batch(&born)?;
         tracing::warn!(
             moved_to = ?aside,
             "rejoined with an empty acceptor log: this replica answers only for transactions \
              begun after now; the other replicas settle every older one"
         );
-        Ok((log, vec![Record::Rejoined]))
+        Ok((log, born.to_vec()))
     })
     .await
     .map_err(|e| CoordinatorError::InvalidArgument(format!("log open task: {e}")))?
+}
+
+/// Whether a log was born with an incarnation and never admitted: it answered for nothing.
+fn never_admitted(records: &[Record]) -> bool {
+    records
+        .iter()
+        .any(|r| matches!(r, Record::Incarnation { .. }))
+        && !records.iter().any(|r| matches!(r, Record::Admitted))
+}
+
+/// A random name for a new life of this replica (never 0, which the wire reads as none).
+fn new_incarnation() -> u64 {
+    loop {
+        let n: u64 = rand::random();
+        if n != 0 {
+            return n;
+        }
+    }
 }
 
 /// Sets the replica's gauges once a second from what it tells `txctl cluster`.

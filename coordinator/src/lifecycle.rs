@@ -1,5 +1,6 @@
-//! Where a replica is in its life, for every part that must act on it: serving, degraded
-//! (its acceptor log stopped writing), or draining (asked to stop).
+//! Where a replica is in its life, for every part that must act on it: joining (a new log
+//! not yet admitted by every peer), serving, degraded (its acceptor log stopped writing), or
+//! draining (asked to stop).
 //!
 //! A replica whose fsync hangs cannot make a promise durable, so everything it leads stalls;
 //! if it kept answering Begin quickly, clients would pile onto exactly the replica that
@@ -17,6 +18,8 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 pub struct Lifecycle {
+    /// Waiting for every peer to admit this replica (see `paxos_commit_core::admission`).
+    joining: AtomicBool,
     draining: AtomicBool,
     degraded: Mutex<Option<String>>,
     /// Set once every stream must end (the last step of a stop).
@@ -27,6 +30,7 @@ pub struct Lifecycle {
 impl Lifecycle {
     pub fn new(health: HealthReporter) -> Arc<Lifecycle> {
         Arc::new(Lifecycle {
+            joining: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             degraded: Mutex::new(None),
             closed: watch::channel(false).0,
@@ -57,18 +61,35 @@ impl Lifecycle {
                 "this replica is degraded ({reason}); begin on another replica"
             )));
         }
+        if self.joining.load(Ordering::Acquire) {
+            return Err(Status::unavailable(
+                "this replica is joining the group (waiting for every peer to admit it); \
+                 begin on another replica",
+            ));
+        }
         Ok(())
     }
 
-    /// ("serving" | "degraded" | "draining", why).
+    /// ("serving" | "degraded" | "draining" | "joining", why).
     pub fn state(&self) -> (&'static str, String) {
         if self.is_draining() {
             ("draining", "asked to stop".into())
         } else if let Some(reason) = self.degraded_reason() {
             ("degraded", reason)
+        } else if self.joining.load(Ordering::Acquire) {
+            (
+                "joining",
+                "its acceptor log is new: waiting for every peer to admit it".into(),
+            )
         } else {
             ("serving", String::new())
         }
+    }
+
+    /// Marks the replica joining (NOT_SERVING, Begin refused) or admitted.
+    pub fn set_joining(&self, joining: bool) {
+        self.joining.store(joining, Ordering::Release);
+        self.publish();
     }
 
     /// The first step of a stop.

@@ -44,9 +44,11 @@ pub fn kind(msg: &Msg) -> &'static str {
 }
 
 impl Peers {
-    /// Starts one sender task per other replica; agents get theirs when first addressed.
+    /// Starts one sender task per other replica, each naming this replica's incarnation;
+    /// agents get theirs when first addressed.
     pub fn start(
         me: ReplicaId,
+        incarnation: Option<u64>,
         replicas: &[String],
         security: Security,
     ) -> Result<Peers, paxos_commit_proto::client::ClientError> {
@@ -58,7 +60,7 @@ impl Peers {
             }
             // No per-call timeout: the channel carries one long-lived stream.
             let client = AcceptorClient::new(lazy_channel(address, None, &security)?);
-            senders.push(Some(sender::to_replica(client)));
+            senders.push(Some(sender::to_replica(client, incarnation)));
         }
         Ok(Peers {
             me,

@@ -14,7 +14,9 @@ use crate::error::CoordinatorError;
 use crate::lifecycle::Lifecycle;
 use crate::recent::{Ended, Recent};
 use paxos_commit_core::status::{combine, TxnState};
-use paxos_commit_core::{AbortCause, LocalStatus, Msg, Outcome, ReplicaId, TxnError, TxnId};
+use paxos_commit_core::{
+    AbortCause, JoinAnswer, JoinMode, LocalStatus, Msg, Outcome, ReplicaId, TxnError, TxnId,
+};
 use paxos_commit_proto::client::lazy_channel;
 use paxos_commit_proto::convert::{
     checked_participants_from_pb, delivered_from_pb, outcome_to_pb, participant_from_pb,
@@ -24,8 +26,9 @@ use paxos_commit_proto::limits::MAX_AUDIT_PAGE;
 use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::coordinator_client::CoordinatorClient;
 use paxos_commit_proto::phase_span;
+use paxos_commit_proto::sender::INCARNATION_HEADER;
 use paxos_commit_proto::telemetry::{set_parent, TraceParent};
-use paxos_commit_proto::tls::{Caller, Gate, Kind};
+use paxos_commit_proto::tls::{Caller, Gate, Kind, Role};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -777,7 +780,12 @@ impl Handle {
     /// Paxos messages go to the core as one command; the agents' enlistments and
     /// acknowledgements as commands of their own. A malformed message fails the whole batch
     /// before any of it is applied.
-    fn deliver_batch(&self, caller: &Caller, batch: &pb::PaxosBatch) -> Result<(), Status> {
+    fn deliver_batch(
+        &self,
+        caller: &Caller,
+        incarnation: Option<u64>,
+        batch: &pb::PaxosBatch,
+    ) -> Result<(), Status> {
         let delivered = batch
             .messages
             .iter()
@@ -825,8 +833,24 @@ impl Handle {
         }
         let gone = || Status::from(CoordinatorError::ShuttingDown);
         if !msgs.is_empty() {
+            // A replica's messages are heard only from the incarnation its peers admitted.
+            let replica = match (caller, incarnation) {
+                (Caller::Peer(Role::Replica(from)), Some(incarnation)) => {
+                    Some((*from, incarnation))
+                }
+                (Caller::Peer(Role::Replica(from)), None) => {
+                    return Err(Status::failed_precondition(format!(
+                        "replica {from} sent messages without its incarnation \
+                         ({INCARNATION_HEADER}): it runs a version from before incarnations"
+                    )))
+                }
+                (Caller::Anyone, Some(incarnation)) => {
+                    msgs.first().map(|(from, _, _)| (*from, incarnation))
+                }
+                _ => None,
+            };
             self.commands
-                .send(Command::Deliver { msgs })
+                .send(Command::Deliver { replica, msgs })
                 .map_err(|_| gone())?;
         }
         for c in others {
@@ -842,7 +866,8 @@ impl pb::acceptor_server::Acceptor for Handle {
         let caller = self
             .gate
             .allow(&req, "Acceptor.Deliver", &[Kind::Replica, Kind::Agent])?;
-        self.deliver_batch(&caller, &req.into_inner())?;
+        let incarnation = incarnation_of(req.metadata())?;
+        self.deliver_batch(&caller, incarnation, &req.into_inner())?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -855,13 +880,14 @@ impl pb::acceptor_server::Acceptor for Handle {
             "Acceptor.DeliverStream",
             &[Kind::Replica, Kind::Agent],
         )?;
+        let incarnation = incarnation_of(req.metadata())?;
         let mut stream = req.into_inner();
         let closed = self.life.closed();
         tokio::pin!(closed);
         loop {
             tokio::select! {
                 batch = stream.message() => match batch? {
-                    Some(batch) => self.deliver_batch(&caller, &batch)?,
+                    Some(batch) => self.deliver_batch(&caller, incarnation, &batch)?,
                     None => break,
                 },
                 // A stopping replica is no longer anyone's acceptor: end the stream, so
@@ -871,4 +897,86 @@ impl pb::acceptor_server::Acceptor for Handle {
         }
         Ok(Response::new(pb::Empty {}))
     }
+
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let caller = self.gate.allow(&req, "Acceptor.Join", &[Kind::Replica])?;
+        let r = req.into_inner();
+        let Some(from) = caller.replica_or(r.replica) else {
+            return Err(Status::permission_denied(format!(
+                "{} may not join as a replica",
+                caller.name()
+            )));
+        };
+        if from != r.replica {
+            tracing::warn!(caller = %caller.name(), claimed = r.replica, "refused a join for another replica");
+            return Err(Status::permission_denied(format!(
+                "{} may not join as replica {}",
+                caller.name(),
+                r.replica
+            )));
+        }
+        if from == self.cfg.id || from as usize >= self.cfg.replicas.len() {
+            return Err(Status::invalid_argument(format!(
+                "replica {from} is not a peer of replica {} (group of {})",
+                self.cfg.id,
+                self.cfg.replicas.len()
+            )));
+        }
+        if r.incarnation == 0 {
+            return Err(Status::invalid_argument("incarnation 0 names no life"));
+        }
+        let mode = match pb::JoinMode::try_from(r.mode) {
+            Ok(pb::JoinMode::First) => JoinMode::First,
+            Ok(pb::JoinMode::Rejoin) => JoinMode::Rejoin,
+            Ok(pb::JoinMode::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "join mode {} is neither first nor rejoin",
+                    r.mode
+                )))
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Join {
+                from,
+                incarnation: r.incarnation,
+                mode,
+                reply,
+            })
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+        let (answer, own) = answer
+            .await
+            .map_err(|_| Status::from(CoordinatorError::ShuttingDown))?;
+        Ok(Response::new(match answer {
+            JoinAnswer::Admitted => pb::JoinResponse {
+                admitted: true,
+                known_incarnation: 0,
+                incarnation: own,
+            },
+            JoinAnswer::Known { incarnation } => pb::JoinResponse {
+                admitted: false,
+                known_incarnation: incarnation,
+                incarnation: own,
+            },
+        }))
+    }
+}
+
+/// The incarnation a replica names in a call's metadata, if any (agents name none).
+fn incarnation_of(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>, Status> {
+    let Some(value) = metadata.get(INCARNATION_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&v| v != 0)
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("{INCARNATION_HEADER} is not a nonzero number"))
+        })
 }

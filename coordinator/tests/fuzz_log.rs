@@ -87,6 +87,18 @@ fn record(rng: &mut Rng) -> Record {
     if rng.chance(1, 20) {
         return Record::Rejoined;
     }
+    if rng.chance(1, 10) {
+        return match rng.below(3) {
+            0 => Record::Incarnation {
+                incarnation: rng.next_u64(),
+            },
+            1 => Record::Admitted,
+            _ => Record::Fence {
+                replica: rng.below(300) as u32,
+                incarnation: rng.next_u64(),
+            },
+        };
+    }
     match rng.below(5) {
         0 => Record::Promise {
             txn: txn(rng),
@@ -330,7 +342,11 @@ fn recover(records: &[Record], rng: &mut Rng) {
             | Record::Accept { txn, .. }
             | Record::Decided { txn, .. }
             | Record::Finished { txn, .. } => Some(*txn),
-            Record::Round { .. } | Record::Rejoined => None,
+            Record::Round { .. }
+            | Record::Rejoined
+            | Record::Incarnation { .. }
+            | Record::Admitted
+            | Record::Fence { .. } => None,
         })
         .collect();
     for t in &txns {

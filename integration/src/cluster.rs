@@ -467,6 +467,7 @@ impl Cluster {
         for i in 0..cluster.replicas.len() {
             cluster.wait_replica(i).await?;
         }
+        cluster.wait_admitted(Duration::from_secs(30)).await?;
         for p in cluster.spec.participants.clone() {
             cluster.wait_agent(&p).await?;
         }
@@ -529,6 +530,35 @@ impl Cluster {
         proc.wait_for_port(Self::sock(&self.replica_addrs[i])?, Duration::from_secs(30))
             .await
             .with_context(|| format!("replica {i} did not start:\n{}", proc.log_tail(30)))
+    }
+
+    /// Waits until every replica of a first start is admitted by its peers (each new log
+    /// joins before it serves) and says "serving".
+    pub async fn wait_admitted(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.replicas.len() {
+            let mut ops = self
+                .operator
+                .replica(i)
+                .with_context(|| format!("replica {i}"))?;
+            loop {
+                let state = match ops.cluster_info(pb::Empty {}).await {
+                    Ok(info) => info.into_inner().state,
+                    Err(status) => format!("{status}"),
+                };
+                if state == "serving" {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "replica {i} is not serving after {timeout:?} ({state}):\n{}",
+                        self.replicas[i].log_tail(30)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
     }
 
     pub async fn wait_agent(&self, p: &str) -> Result<()> {

@@ -62,9 +62,11 @@ impl Coordinators {
                 Some(Duration::from_secs(5)),
                 security,
             )?));
-            links.push(sender::to_replica(AcceptorClient::new(lazy_channel(
-                a, None, security,
-            )?)));
+            // An agent is no replica: it has no incarnation to name.
+            links.push(sender::to_replica(
+                AcceptorClient::new(lazy_channel(a, None, security)?),
+                None,
+            ));
         }
         Ok(Coordinators {
             coordinators,

@@ -79,11 +79,22 @@ impl Link {
 
 type Call = Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>;
 
-/// Starts a sender to a replica's `Acceptor.DeliverStream`.
-pub fn to_replica(client: AcceptorClient<Channel>) -> Link {
+/// The metadata in which a replica names its incarnation on every call to a peer's
+/// `Acceptor` service (see `paxos_commit_core::admission`).
+pub const INCARNATION_HEADER: &str = "paxos-commit-incarnation";
+
+/// Starts a sender to a replica's `Acceptor.DeliverStream`, as incarnation `incarnation` of
+/// the sending replica (`None` for an agent).
+pub fn to_replica(client: AcceptorClient<Channel>, incarnation: Option<u64>) -> Link {
     spawn(move |batches| {
         let mut client = client.clone();
-        Box::pin(async move { client.deliver_stream(batches).await.map(|_| ()) })
+        let mut request = tonic::Request::new(batches);
+        if let Some(incarnation) = incarnation {
+            request
+                .metadata_mut()
+                .insert(INCARNATION_HEADER, incarnation.into());
+        }
+        Box::pin(async move { client.deliver_stream(request).await.map(|_| ()) })
     })
 }
 

@@ -185,7 +185,11 @@ impl AcceptorTxn {
                 self.decided = Some(*outcome);
                 self.finished = true;
             }
-            Record::Round { .. } | Record::Rejoined => {}
+            Record::Round { .. }
+            | Record::Rejoined
+            | Record::Incarnation { .. }
+            | Record::Admitted
+            | Record::Fence { .. } => {}
         }
     }
 

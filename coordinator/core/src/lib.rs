@@ -10,6 +10,7 @@
 //! * [`types`] — transaction ids, ballots, votes, gids;
 //! * [`msg`] — messages, durable records and outputs (the contract with the shells);
 //! * [`acceptor`] — one acceptor's per-transaction state and its phase 1a/2a rules;
+//! * [`admission`] — a replica's incarnation, and the fences that keep a lost log out;
 //! * [`coordination`] — the leader's (or a takeover's) tally and the decision rule;
 //! * [`replica`] — a whole replica: inputs in, outputs out, timers as deadlines;
 //! * [`participant`] — the participant's ballot-0 vote;
@@ -18,6 +19,7 @@
 //! No clock, socket, file or RNG lives here: time comes in as `now`, randomness as a seed.
 
 pub mod acceptor;
+pub mod admission;
 pub mod coordination;
 pub mod msg;
 pub mod participant;
@@ -25,6 +27,7 @@ pub mod replica;
 pub mod status;
 pub mod types;
 
+pub use admission::{JoinAnswer, JoinMode};
 pub use coordination::AbortCause;
 pub use msg::{Dest, Msg, Output, Record};
 pub use replica::{Config, LocalStatus, Replica, Stats, TxnError};

@@ -119,6 +119,18 @@ pub enum Record {
     /// before, so from here on it answers only for transactions it began itself since (see
     /// `Replica::answers_for`). Kept by every compaction.
     Rejoined,
+    /// The first record of every log: the random number that names this life of the replica
+    /// (see `admission`). Kept by every compaction.
+    Incarnation { incarnation: u64 },
+    /// Every peer recorded this incarnation: the replica may act as one. Until then it
+    /// answers for nothing. Kept by every compaction.
+    Admitted,
+    /// Peer `replica` lives as `incarnation`: a join of another (unless a rejoin) is refused
+    /// and its messages are not heard. Kept by every compaction.
+    Fence {
+        replica: ReplicaId,
+        incarnation: u64,
+    },
 }
 
 /// What a step of the core asks its shell to do.

@@ -8,6 +8,7 @@
 //! stateright model.
 
 use crate::acceptor::{AcceptorTxn, Reply};
+use crate::admission::{Admission, JoinAnswer, JoinMode};
 use crate::coordination::{AbortCause, Coordination, Phase};
 use crate::msg::{Dest, Msg, Output, Record};
 use crate::types::{
@@ -125,6 +126,9 @@ pub struct LocalStatus {
 pub struct Stats {
     /// Runs under `Record::Rejoined` (answers only for its own new transactions).
     pub rejoined: bool,
+    /// Every peer admitted it (see [`crate::admission`]); until then it answers for nothing.
+    pub admitted: bool,
+    pub incarnation: Option<u64>,
     pub leading: usize,
     pub undecided: usize,
     pub oldest_undecided: Option<(TxnId, u64)>,
@@ -161,6 +165,8 @@ pub struct Replica {
     round: u64,
     /// Under `Record::Rejoined`: see [`Replica::answers_for`].
     rejoined: bool,
+    /// Its incarnation, the peers' fences, and whether it may act yet.
+    admission: Admission,
     acceptor: BTreeMap<TxnId, AcceptorTxn>,
     coordination: BTreeMap<TxnId, Coordination>,
     /// One timer per transaction; what it does when it fires follows from the state.
@@ -179,6 +185,7 @@ impl Replica {
             cfg,
             round: 0,
             rejoined: false,
+            admission: Admission::admitted(),
             acceptor: BTreeMap::new(),
             coordination: BTreeMap::new(),
             timers: BTreeMap::new(),
@@ -195,7 +202,11 @@ impl Replica {
     /// finishes what it knows of.
     pub fn recover(cfg: Config, seed: u64, records: &[Record], now: u64) -> Replica {
         let mut replica = Replica::new(cfg, seed);
+        replica.admission = Admission::default();
         for record in records {
+            if replica.admission.replay(record) {
+                continue;
+            }
             match record {
                 Record::Round { round } => {
                     // Clamped: a round beyond any ballot in range can only come from a
@@ -213,6 +224,7 @@ impl Replica {
                 }
             }
         }
+        replica.admission.finish_replay();
         let txns: Vec<(TxnId, bool)> = replica
             .acceptor
             .iter()
@@ -254,6 +266,9 @@ impl Replica {
         if self.rejoined {
             out.insert(0, Record::Rejoined);
         }
+        let mut admission = Vec::new();
+        self.admission.records(&mut admission);
+        out.splice(0..0, admission);
         for (txn, acc) in &self.acceptor {
             acc.records(*txn, &mut out);
         }
@@ -1047,12 +1062,57 @@ impl Replica {
     /// for since (its post-rejoin log holds a promise or an acceptance); every other is
     /// left to the other replicas, as if this one were down.
     pub fn answers_for(&self, txn: TxnId) -> bool {
+        if !self.admission.is_admitted() {
+            // Not yet admitted by every peer: it may be a lost log claiming to be new.
+            return false;
+        }
         !self.rejoined
             || (txn.leader() == self.cfg.id && self.coordination.contains_key(&txn))
             || self
                 .acceptor
                 .get(&txn)
                 .is_some_and(|a| a.promised > 0 || !a.accepted.is_empty())
+    }
+
+    // ------------------------------------------------------------------ admission
+
+    /// Whether every peer has admitted this replica (see [`crate::admission`]). Until then
+    /// the shell refuses Begin and the core answers for no transaction.
+    pub fn is_admitted(&self) -> bool {
+        self.admission.is_admitted()
+    }
+
+    /// This life's incarnation; `None` only for a log from before incarnations.
+    pub fn incarnation(&self) -> Option<u64> {
+        self.admission.incarnation()
+    }
+
+    /// Peer `from` (as its certificate says) asks to be admitted as `incarnation`. The
+    /// answer may leave only once the outputs of this step are durable.
+    pub fn on_join(&mut self, from: ReplicaId, incarnation: u64, mode: JoinMode) -> JoinAnswer {
+        let (answer, record) = self.admission.on_join(from, incarnation, mode);
+        self.out.extend(record.map(Output::Persist));
+        answer
+    }
+
+    /// Peer `from` answered this replica's join; its own incarnation was in the answer.
+    pub fn on_join_answer(&mut self, from: ReplicaId, incarnation: u64) {
+        let record = self.admission.learn(from, incarnation);
+        self.out.extend(record.map(Output::Persist));
+    }
+
+    /// Every peer admitted this replica.
+    pub fn on_admitted(&mut self) {
+        let record = self.admission.admit();
+        self.out.extend(record.map(Output::Persist));
+    }
+
+    /// Whether messages from peer `from`'s `incarnation` are heard; call it before
+    /// [`Replica::on_message`] for each batch a replica sent.
+    pub fn hears(&mut self, from: ReplicaId, incarnation: u64) -> bool {
+        let (heard, record) = self.admission.hears(from, incarnation);
+        self.out.extend(record.map(Output::Persist));
+        heard
     }
 
     fn led(&mut self, txn: TxnId) -> Result<&mut Coordination, TxnError> {
@@ -1184,6 +1244,8 @@ impl Replica {
     pub fn stats(&self) -> Stats {
         let mut stats = Stats {
             rejoined: self.rejoined,
+            admitted: self.admission.is_admitted(),
+            incarnation: self.admission.incarnation(),
             leading: self
                 .coordination
                 .iter()
@@ -1214,7 +1276,11 @@ fn record_txn(record: &Record) -> Option<TxnId> {
         | Record::Accept { txn, .. }
         | Record::Decided { txn, .. }
         | Record::Finished { txn, .. } => Some(*txn),
-        Record::Round { .. } | Record::Rejoined => None,
+        Record::Round { .. }
+        | Record::Rejoined
+        | Record::Incarnation { .. }
+        | Record::Admitted
+        | Record::Fence { .. } => None,
     }
 }
 
