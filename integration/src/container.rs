@@ -54,31 +54,17 @@ impl Container {
         args: &[String],
         envs: &[(String, String)],
     ) -> Vec<String> {
-        let nofile = soft_nofile();
-        let mut out: Vec<String> = [
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
-            "run",
-            "--rm",
-            "--replace",
-            "--name",
-            name,
-            "--network",
-            "host",
-            "--ulimit",
-            &format!("nofile={nofile}:{nofile}"),
-            "--ulimit",
-            "nproc=4096:4096",
-            "--volume",
-            &format!("{0}:{0}", self.shared_dir.display()),
-            "--entrypoint",
-            program,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut out = run_prefix(name);
+        out.extend(
+            [
+                "--volume",
+                &format!("{0}:{0}", self.shared_dir.display()),
+                "--entrypoint",
+                program,
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         if let Some(hostname) = hostname {
             out.push("--hostname".into());
             out.push(hostname.into());
@@ -112,6 +98,33 @@ impl Container {
         }
         Ok(())
     }
+}
+
+/// The start of every `podman run` of the tests: runc and cgroupfs, the container `name`
+/// (replacing a leftover of that name, removed when it exits), the host's network, and
+/// resource limits lowered to the test's own (a container may not raise them here).
+pub fn run_prefix(name: &str) -> Vec<String> {
+    let nofile = soft_nofile();
+    [
+        "--runtime",
+        "runc",
+        "--cgroup-manager",
+        "cgroupfs",
+        "run",
+        "--rm",
+        "--replace",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "--ulimit",
+        &format!("nofile={nofile}:{nofile}"),
+        "--ulimit",
+        "nproc=4096:4096",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Removes container `name` at once, whatever it is doing: the client process being killed

@@ -24,6 +24,7 @@ pub mod browser;
 pub mod certs;
 pub mod cluster;
 pub mod container;
+pub mod deploy;
 pub mod nemesis;
 pub mod pg;
 pub mod process;

@@ -344,10 +344,20 @@ impl Proc {
         log_path: impl AsRef<Path>,
     ) -> Result<Proc> {
         let run = container.run_args(name, hostname, program, args, envs);
+        Proc::spawn_podman(name, &run, log_path)
+    }
+
+    /// Runs `podman` with `run_args` (a `podman run` of the container `name`, made by the
+    /// caller), removing that container when the process is killed or dropped.
+    pub fn spawn_podman(
+        name: &str,
+        run_args: &[String],
+        log_path: impl AsRef<Path>,
+    ) -> Result<Proc> {
         Proc::start(
             name,
             Path::new("podman"),
-            &run,
+            run_args,
             &[],
             log_path.as_ref(),
             Some(name.to_owned()),
