@@ -126,6 +126,13 @@ pub enum Command {
         /// With this replica's own incarnation (0 for none).
         reply: oneshot::Sender<(JoinAnswer, u64)>,
     },
+    /// Whether a replica's stream (or call) from `incarnation` is heard: answered with the
+    /// incarnation admitted here when it is not.
+    Hears {
+        from: ReplicaId,
+        incarnation: u64,
+        reply: oneshot::Sender<Result<(), u64>>,
+    },
     /// Peer `from` admitted this replica and lives as `incarnation`.
     JoinAnswered {
         from: ReplicaId,
@@ -657,6 +664,21 @@ impl Driver {
                 let own = self.core.incarnation().unwrap_or(0);
                 self.reply_after_sync(move || {
                     let _ = reply.send((answer, own));
+                });
+            }
+            Command::Hears {
+                from,
+                incarnation,
+                reply,
+            } => {
+                let heard = if self.core.hears(from, incarnation) {
+                    Ok(())
+                } else {
+                    self.not_heard(from, incarnation);
+                    Err(self.core.fence(from).unwrap_or(0))
+                };
+                self.reply_after_sync(move || {
+                    let _ = reply.send(heard);
                 });
             }
             Command::JoinAnswered { from, incarnation } => {

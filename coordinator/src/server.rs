@@ -616,6 +616,8 @@ impl pb::coordinator_server::Coordinator for Handle {
             state: state.to_string(),
             state_reason,
             rejoined: info.stats.rejoined,
+            incarnation: info.stats.incarnation.unwrap_or(0),
+            not_heard: info.counters.not_heard,
         }))
     }
 
@@ -777,6 +779,31 @@ fn authorize(caller: &Caller, d: &Delivered, replicas: u32) -> Result<ReplicaId,
 }
 
 impl Handle {
+    /// Refuses, before anything it sends is read, a replica's call or stream from an
+    /// incarnation other than the one admitted here: the sender learns that it was replaced
+    /// (each batch is checked again as it arrives, in case the fence moves meanwhile).
+    async fn check_heard(&self, caller: &Caller, incarnation: Option<u64>) -> Result<(), Status> {
+        let (Caller::Peer(Role::Replica(from)), Some(incarnation)) = (caller, incarnation) else {
+            return Ok(());
+        };
+        let gone = || Status::from(CoordinatorError::ShuttingDown);
+        let (reply, heard) = oneshot::channel();
+        self.commands
+            .send(Command::Hears {
+                from: *from,
+                incarnation,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        match heard.await.map_err(|_| gone())? {
+            Ok(()) => Ok(()),
+            Err(known) => Err(Status::failed_precondition(format!(
+                "replica {from} incarnation {incarnation} is not the one admitted here \
+                 ({known}): this process's replica was replaced (--rejoin) and it must stop"
+            ))),
+        }
+    }
+
     /// Paxos messages go to the core as one command; the agents' enlistments and
     /// acknowledgements as commands of their own. A malformed message fails the whole batch
     /// before any of it is applied.
@@ -867,6 +894,7 @@ impl pb::acceptor_server::Acceptor for Handle {
             .gate
             .allow(&req, "Acceptor.Deliver", &[Kind::Replica, Kind::Agent])?;
         let incarnation = incarnation_of(req.metadata())?;
+        self.check_heard(&caller, incarnation).await?;
         self.deliver_batch(&caller, incarnation, &req.into_inner())?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -881,6 +909,7 @@ impl pb::acceptor_server::Acceptor for Handle {
             &[Kind::Replica, Kind::Agent],
         )?;
         let incarnation = incarnation_of(req.metadata())?;
+        self.check_heard(&caller, incarnation).await?;
         let mut stream = req.into_inner();
         let closed = self.life.closed();
         tokio::pin!(closed);

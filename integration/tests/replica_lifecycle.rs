@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::process::{free_port, Proc};
-use paxos_commit_proto::client::{Client, ClientError};
+use paxos_commit_proto::client::{lazy_channel, Client, ClientError};
+use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
+use paxos_commit_proto::tls::{Role, Security};
 use paxos_commit_proto::pb;
 use paxos_commit_proto::EXIT_REFUSED;
 use rand::Rng;
@@ -19,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -349,6 +352,168 @@ async fn a_damaged_acceptor_log_is_refused_and_rejoin_brings_the_replica_back() 
     let seen = Seen::default();
     check_transfers(&c, &seen).await?;
     Ok(())
+}
+
+/// A replica's volume lost and recreated empty (as a new PersistentVolumeClaim would be):
+/// started again, the replica does not come back as a new acceptor with amnesia. The peers
+/// remember its earlier incarnation and refuse it; `--rejoin` brings it back under a new
+/// incarnation, after which nothing sent as the old one is heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_acceptor_log_is_refused_and_rejoin_fences_out_the_old_life() -> Result<()> {
+    let c = cluster("lost-log", |s| s).await?;
+    for i in 0..6 {
+        let (_, outcome) = bank::transfer(&c.client, (A, 1 + i % 5), (B, 1 + i % 7), 1).await?;
+        assert_eq!(outcome, TransferOutcome::Committed);
+    }
+    let first_life = info(&c, 2).await?;
+    assert_eq!(first_life.state, "serving");
+    assert_ne!(first_life.incarnation, 0);
+
+    // kill -9, and the volume comes back empty.
+    c.replicas[2].kill9()?;
+    let dir = c.dir.join("replica-2");
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    c.replicas[2].restart()?;
+    let status = c.replicas[2].wait_exit(Duration::from_secs(30))?;
+    let tail = c.replicas[2].log_tail(5);
+    assert_eq!(status.code(), Some(i32::from(EXIT_REFUSED)), "{tail}");
+    assert!(
+        tail.contains(&format!("as incarnation {}", first_life.incarnation)),
+        "{tail}"
+    );
+    assert!(tail.contains("--rejoin"), "{tail}");
+
+    // The group carries on without it.
+    let (_, outcome) = bank::transfer(&c.client, (A, 2), (B, 3), 1).await?;
+    assert_eq!(outcome, TransferOutcome::Committed);
+
+    // The runbook: --rejoin (the refused start's own log, never admitted, is set aside too).
+    let rejoined = rejoin(&c, 2)?;
+    rejoined
+        .wait_for_port(c.replica_addrs[2].parse()?, Duration::from_secs(30))
+        .await?;
+    let serving_by = Instant::now() + Duration::from_secs(30);
+    let second_life = loop {
+        let now = info(&c, 2).await?;
+        if now.state == "serving" {
+            break now;
+        }
+        if Instant::now() >= serving_by {
+            bail!("not serving within 30 s:\n{}", rejoined.log_tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(second_life.rejoined, "{second_life:?}");
+    assert_ne!(second_life.incarnation, first_life.incarnation);
+    commits_on(&c, 2).await?;
+    commits_on(&c, 0).await?;
+
+    // Replica 2's first life, were it still running somewhere, is heard by no peer: its
+    // streams are refused before they are read. Without an incarnation a replica's
+    // messages are refused too, and the current life is heard.
+    let txid = {
+        let (txid, outcome) = bank::transfer(&c.client, (A, 3), (B, 4), 1).await?;
+        assert_eq!(outcome, TransferOutcome::Committed);
+        txid
+    };
+    let phase2b = pb::PaxosBatch {
+        messages: vec![pb::PaxosMessage {
+            txid: txid.clone(),
+            from_replica: 2,
+            body: Some(pb::paxos_message::Body::Phase2b(pb::Phase2b {
+                participant: A.into(),
+                ballot: 0,
+                vote: pb::Vote::Prepared as i32,
+            })),
+            traceparent: String::new(),
+        }],
+    };
+    for peer in [0, 1] {
+        let mut as_2 = acceptor_as(&c, peer, Role::Replica(2))?;
+        let refused = as_2
+            .deliver(named(phase2b.clone(), Some(first_life.incarnation)))
+            .await
+            .expect_err("the old incarnation was heard");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+        assert!(refused.message().contains("not the one admitted"), "{refused}");
+        let refused = as_2
+            .deliver(named(phase2b.clone(), None))
+            .await
+            .expect_err("a replica's message without an incarnation was heard");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+        as_2.deliver(named(phase2b.clone(), Some(second_life.incarnation)))
+            .await
+            .context("the current incarnation")?;
+        assert!(info(&c, peer).await?.not_heard >= 1);
+
+        // A join is a replica's own, checked against its certificate.
+        let join = |replica: u32, incarnation: u64, mode: pb::JoinMode| pb::JoinRequest {
+            incarnation,
+            mode: mode.into(),
+            replica,
+        };
+        let status = as_2
+            .join(join(1, 99, pb::JoinMode::Rejoin))
+            .await
+            .expect_err("replica 2 joined as replica 1");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+        let mut as_agent = acceptor_as(&c, peer, Role::Agent(A.into()))?;
+        let status = as_agent
+            .join(join(2, 99, pb::JoinMode::Rejoin))
+            .await
+            .expect_err("an agent joined as a replica");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+        for (incarnation, mode) in [(0, pb::JoinMode::First), (7, pb::JoinMode::Unspecified)] {
+            let status = as_2
+                .join(join(2, incarnation, mode))
+                .await
+                .expect_err("a malformed join");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        }
+        // Claiming to be new once more is refused, and changes nothing.
+        let answer = as_2
+            .join(join(2, 4242, pb::JoinMode::First))
+            .await?
+            .into_inner();
+        assert!(!answer.admitted);
+        assert_eq!(answer.known_incarnation, second_life.incarnation);
+    }
+    commits_on(&c, 2).await?;
+    let seen = Seen::default();
+    check_transfers(&c, &seen).await?;
+    Ok(())
+}
+
+async fn info(c: &Cluster, i: usize) -> Result<pb::ClusterInfoResponse> {
+    let mut ops = c.operator.replica(i).context("no such replica")?;
+    Ok(ops.cluster_info(pb::Empty {}).await?.into_inner())
+}
+
+/// A message batch as a replica's incarnation `incarnation` sends it.
+fn named(batch: pb::PaxosBatch, incarnation: Option<u64>) -> tonic::Request<pb::PaxosBatch> {
+    let mut request = tonic::Request::new(batch);
+    if let Some(n) = incarnation {
+        request
+            .metadata_mut()
+            .insert(paxos_commit_proto::sender::INCARNATION_HEADER, n.into());
+    }
+    request
+}
+
+fn acceptor_as(c: &Cluster, i: usize, role: Role) -> Result<AcceptorClient<Channel>> {
+    let tls = c.tls_as(&role).context("the test deployment runs with TLS")?;
+    Ok(AcceptorClient::new(lazy_channel(
+        &c.replica_addrs[i],
+        Some(Duration::from_secs(10)),
+        &Security::Tls(tls),
+    )?))
 }
 
 /// Starts replica `i` again with `--rejoin` (beside the cluster's own handle on it).

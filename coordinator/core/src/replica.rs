@@ -1087,6 +1087,11 @@ impl Replica {
         self.admission.incarnation()
     }
 
+    /// The incarnation of peer `from` admitted here, if any.
+    pub fn fence(&self, from: ReplicaId) -> Option<u64> {
+        self.admission.fences().get(&from).copied()
+    }
+
     /// Peer `from` (as its certificate says) asks to be admitted as `incarnation`. The
     /// answer may leave only once the outputs of this step are durable.
     pub fn on_join(&mut self, from: ReplicaId, incarnation: u64, mode: JoinMode) -> JoinAnswer {
