@@ -126,6 +126,11 @@ pub struct ConfigArgs {
     /// answers only for transactions begun after it. Refused when the log is intact.
     #[arg(long, env = "PAXOS_COMMIT_REJOIN")]
     pub rejoin: bool,
+    /// `--rejoin` for the replicas with these ids only (comma separated), for settings shared
+    /// by every replica, such as a StatefulSet's template: set it, let the named replica
+    /// rejoin, then remove it (docs/DEPLOY.md, "A lost volume").
+    #[arg(long, env = "PAXOS_COMMIT_REJOIN_REPLICAS", value_delimiter = ',')]
+    pub rejoin_replicas: Option<Vec<u32>>,
     /// Longest (ms) a stopping replica waits for the commits it leads to be decided.
     #[arg(long, env = "PAXOS_COMMIT_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
@@ -296,6 +301,16 @@ impl ConfigArgs {
                 replicas.len()
             ))
         })?;
+        let rejoin_replicas = self.rejoin_replicas.clone().unwrap_or_default();
+        if let Some(bad) = rejoin_replicas
+            .iter()
+            .find(|&&r| r as usize >= replicas.len())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "rejoin_replicas names replica {bad}, but there are {} replicas",
+                replicas.len()
+            )));
+        }
         let mut agents = file.agents;
         for entry in self.agents.iter().flatten() {
             let (k, v) = entry.split_once('=').ok_or_else(|| {
@@ -356,7 +371,7 @@ impl ConfigArgs {
                 .or(file.max_concurrent_calls)
                 .unwrap_or(10_000)
                 .max(1),
-            rejoin: self.rejoin,
+            rejoin: self.rejoin || rejoin_replicas.contains(&id),
             drain_timeout: ms(self.drain_timeout_ms, file.drain_timeout_ms, 5_000),
             fsync_stall: ms(self.fsync_stall_ms, file.fsync_stall_ms, 2_000),
             outcome_retention: Duration::from_secs(
@@ -466,5 +481,31 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.id, 1);
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/paxos-commit/1"));
+    }
+
+    #[test]
+    fn rejoin_replicas_names_the_replicas_that_rejoin_and_nothing_else() {
+        let with = |list: Vec<u32>, host: &'static str| {
+            ConfigArgs {
+                rejoin_replicas: Some(list),
+                ..args(None, true)
+            }
+            .resolve_on(move || Ok(host.into()))
+        };
+        assert!(with(vec![2], "coordinator-2").unwrap().rejoin);
+        assert!(with(vec![0, 2], "coordinator-2").unwrap().rejoin);
+        assert!(!with(vec![2], "coordinator-1").unwrap().rejoin);
+        assert!(
+            !args(None, true)
+                .resolve_on(|| Ok("coordinator-1".into()))
+                .unwrap()
+                .rejoin
+        );
+        // A typo must not pass for "nobody".
+        let e = with(vec![3], "coordinator-1").unwrap_err();
+        assert!(
+            e.to_string().contains("rejoin_replicas names replica 3"),
+            "{e}"
+        );
     }
 }

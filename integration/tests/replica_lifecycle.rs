@@ -11,9 +11,9 @@ use paxos_commit_integration::bank::{self, TransferOutcome};
 use paxos_commit_integration::cluster::{Cluster, Spec};
 use paxos_commit_integration::process::{free_port, Proc};
 use paxos_commit_proto::client::{lazy_channel, Client, ClientError};
+use paxos_commit_proto::pb;
 use paxos_commit_proto::pb::acceptor_client::AcceptorClient;
 use paxos_commit_proto::tls::{Role, Security};
-use paxos_commit_proto::pb;
 use paxos_commit_proto::EXIT_REFUSED;
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -442,7 +442,10 @@ async fn a_lost_acceptor_log_is_refused_and_rejoin_fences_out_the_old_life() -> 
             .await
             .expect_err("the old incarnation was heard");
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
-        assert!(refused.message().contains("not the one admitted"), "{refused}");
+        assert!(
+            refused.message().contains("not the one admitted"),
+            "{refused}"
+        );
         let refused = as_2
             .deliver(named(phase2b.clone(), None))
             .await
@@ -508,7 +511,9 @@ fn named(batch: pb::PaxosBatch, incarnation: Option<u64>) -> tonic::Request<pb::
 }
 
 fn acceptor_as(c: &Cluster, i: usize, role: Role) -> Result<AcceptorClient<Channel>> {
-    let tls = c.tls_as(&role).context("the test deployment runs with TLS")?;
+    let tls = c
+        .tls_as(&role)
+        .context("the test deployment runs with TLS")?;
     Ok(AcceptorClient::new(lazy_channel(
         &c.replica_addrs[i],
         Some(Duration::from_secs(10)),
