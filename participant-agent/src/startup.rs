@@ -58,7 +58,28 @@ pub async fn prepare_database(cfg: &AgentConfig) -> Result<Pool, ServeError> {
         );
     }
 
+    // The migrations' history lives in the agent's own schema: since PostgreSQL 15 a role
+    // that is not the database's owner may not create in `public`, where refinery would put
+    // it. A database migrated before keeps its history where it is.
+    client
+        .batch_execute("CREATE SCHEMA IF NOT EXISTS paxos_commit")
+        .await
+        .map_err(|e| ServeError::Startup(format!("creating schema paxos_commit: {e}")))?;
+    let history_in_public: bool = client
+        .query_one(
+            "SELECT to_regclass('public.refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| ServeError::Startup(format!("looking for the migration history: {e}")))?
+        .get(0);
+    let history = if history_in_public {
+        "public.refinery_schema_history"
+    } else {
+        "paxos_commit.refinery_schema_history"
+    };
     let report = embedded::migrations::runner()
+        .set_migration_table_name(history)
         .run_async(&mut client)
         .await
         .map_err(|e| ServeError::Startup(format!("applying migrations: {e}")))?;
