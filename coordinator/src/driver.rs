@@ -1018,6 +1018,7 @@ impl Driver {
     /// before. Said once a minute per peer at most, since such a sender retries forever.
     fn not_heard(&mut self, from: ReplicaId, incarnation: u64) {
         self.counters.not_heard += 1;
+        metrics::counter!("paxos_commit_not_heard_total").increment(1);
         let now = Instant::now();
         let last = self.not_heard_said.entry(from).or_insert(now);
         if *last == now || now.duration_since(*last) >= Duration::from_secs(60) {

@@ -82,10 +82,14 @@ pub struct ReplicaHealth {
     pub log_bytes: u64,
     pub oldest_undecided: Option<(String, u64)>,
     pub decided_retained: u64,
-    /// "serving", "degraded" or "draining" (empty when down), and why.
+    /// "serving", "degraded", "draining" or "joining" (empty when down), and why.
     pub state: String,
     pub state_reason: String,
     pub rejoined: bool,
+    /// This life of the replica (a new number: a new log); 0 when down.
+    pub incarnation: u64,
+    /// Streams and batches refused as sent by another incarnation of a peer.
+    pub not_heard: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -366,6 +370,8 @@ impl Deployment {
                             state: info.state,
                             state_reason: info.state_reason,
                             rejoined: info.rejoined,
+                            incarnation: info.incarnation,
+                            not_heard: info.not_heard,
                         }
                     }
                     Err(s) => ReplicaHealth {
@@ -381,6 +387,8 @@ impl Deployment {
                         state: String::new(),
                         state_reason: String::new(),
                         rejoined: false,
+                        incarnation: 0,
+                        not_heard: 0,
                     },
                 }
             }
