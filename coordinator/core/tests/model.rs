@@ -324,6 +324,11 @@ struct Cfg {
     /// `Record::Rejoined`, as `coordinator --rejoin` does; the records it had stay in the
     /// history the properties read, since what it accepted before still counts.
     rejoin: bool,
+    /// Every restart loses the acceptor state and comes back as the shell starts a new log:
+    /// under a new `Record::Incarnation`, not admitted. Its peers remember its earlier life
+    /// and refuse its join (`admission`), so it is never admitted: the model shows that an
+    /// unadmitted replica cannot break a property, whatever it receives.
+    refused: bool,
     bug: Bug,
 }
 
@@ -459,11 +464,14 @@ impl Actor for Node {
                 st
             }
             Some(Stored { records, restarts }) => {
-                let lose_log = cfg.rejoin || cfg.bug == Bug::LoseLog;
+                let lose_log = cfg.rejoin || cfg.refused || cfg.bug == Bug::LoseLog;
                 let replay: Vec<Record> = cfg
                     .rejoin
                     .then_some(Record::Rejoined)
                     .into_iter()
+                    .chain(cfg.refused.then_some(Record::Incarnation {
+                        incarnation: 1 + u64::from(*restarts),
+                    }))
                     .chain(records.iter().cloned())
                     .filter(|r| match r {
                         Record::Promise { .. } => !lose_log && cfg.bug != Bug::ForgetPromises,
@@ -941,6 +949,7 @@ fn env_cfg() -> Cfg {
             &[[Vote::Prepared, Vote::Prepared]]
         },
         rejoin: var("PXC_REJOIN", 0) == 1,
+        refused: var("PXC_REFUSED", 0) == 1,
         bug: match var("PXC_BUG", 0) {
             1 => Bug::ForgetPromises,
             2 => Bug::LoseLog,
@@ -1009,6 +1018,7 @@ fn ci_bounds() -> Cfg {
         agents: 2,
         votes: BOTH_WAYS,
         rejoin: false,
+        refused: false,
         bug: Bug::None,
     }
 }
@@ -1036,6 +1046,23 @@ fn a_replica_that_rejoins_after_losing_its_log_keeps_every_property() {
     checker.assert_properties();
     println!(
         "rejoin: {} unique states in {:.1?}",
+        checker.unique_state_count(),
+        start.elapsed()
+    );
+}
+
+/// A replica that lost its log and started on a new one, refused by its peers (so never
+/// admitted), answers nothing that could break a property, however messages reach it.
+#[test]
+fn a_replica_on_a_new_log_that_is_never_admitted_keeps_every_property() {
+    let start = Instant::now();
+    let checker = check(Cfg {
+        refused: true,
+        ..rejoin_bounds()
+    });
+    checker.assert_properties();
+    println!(
+        "refused: {} unique states in {:.1?}",
         checker.unique_state_count(),
         start.elapsed()
     );
