@@ -189,6 +189,9 @@ pub struct PodTemplate {
 pub struct PodSpec {
     #[serde(default)]
     pub security_context: SecurityContext,
+    /// Run to completion, in order, before the containers start (as the kubelet does).
+    #[serde(default)]
+    pub init_containers: Vec<ContainerSpec>,
     pub containers: Vec<ContainerSpec>,
     #[serde(default)]
     pub volumes: Vec<Volume>,
@@ -302,9 +305,11 @@ pub fn stateful_set(path: &Path, name: &str) -> Result<StatefulSet> {
 pub type Secrets = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
 
 impl PodSpec {
+    /// A container or init container (their names are unique within a pod).
     pub fn container(&self, name: &str) -> Result<&ContainerSpec> {
         self.containers
             .iter()
+            .chain(&self.init_containers)
             .find(|c| c.name == name)
             .with_context(|| format!("no container {name} in the pod"))
     }

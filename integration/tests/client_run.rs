@@ -90,9 +90,16 @@ async fn run_retries_a_transfer_until_prepared_transactions_free_up() -> Result<
         }
         anyhow::Ok(())
     });
+    // More attempts than the default's 10: its jittered pauses may add up to less than the
+    // 1.5 s the slots stay held (about once in a hundred runs), and then the last attempt
+    // fails for the test's timing rather than for anything `run` does.
+    let patient = RetryPolicy {
+        max_attempts: 40,
+        ..RetryPolicy::default()
+    };
     let ran = c
         .client
-        .run_with(&RetryPolicy::default(), |txn| async move {
+        .run_with(&patient, |txn| async move {
             let sql = "UPDATE accounts SET balance = balance + $1 WHERE id = $2";
             txn.execute(A, sql, &[(-7i64).into(), 2i64.into()]).await?;
             txn.execute(B, sql, &[7i64.into(), 2i64.into()]).await?;

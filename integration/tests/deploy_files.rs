@@ -23,7 +23,7 @@ use paxos_commit_integration::process::{workspace_root, Proc, TestDir};
 use paxos_commit_proto::client::{Client, ClientConfig};
 use paxos_commit_proto::pki::Validity;
 use paxos_commit_proto::tls::Role;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -418,7 +418,9 @@ async fn the_kubernetes_manifests_run_as_written_and_commit_a_transfer() -> Resu
             .map(|s| s.secret_name.clone())
             .with_context(|| format!("no Secret volume {volume}"))
     };
-    let coord_tls = secrets.entry(secret_of(coord_pod, "tls")?).or_default();
+    let coord_tls = secrets
+        .entry(secret_of(coord_pod, "all-replica-certificates")?)
+        .or_default();
     coord_tls.insert("ca.pem".into(), ca_pem.clone());
     for (i, (pod, dns)) in pods(&coord).into_iter().enumerate() {
         let (cert, key) = issue(
@@ -540,9 +542,41 @@ async fn the_kubernetes_manifests_run_as_written_and_commit_a_transfer() -> Resu
         deploy::apply_security(pod, c, &mut run)?;
         Ok(run)
     };
+    // A pod's init containers run first, one after the other, and must succeed.
+    let init = |pod_name: &str, set: &deploy::StatefulSet| -> Result<()> {
+        for c in &set.spec.template.spec.init_containers {
+            let run = pod_run(pod_name, set, &c.name, None)?;
+            let proc = run.spawn(&dir.join(format!("{pod_name}-{}.log", c.name)))?;
+            let status = proc.wait_exit(Duration::from_secs(60))?;
+            ensure!(
+                status.success(),
+                "init container {} of {pod_name}: {status}\n{}",
+                c.name,
+                proc.log_tail(20)
+            );
+        }
+        Ok(())
+    };
     let mut replicas = Vec::new();
     let mut replica_addrs = Vec::new();
-    for (pod_name, _) in pods(&coord) {
+    for (i, (pod_name, _)) in pods(&coord).into_iter().enumerate() {
+        init(&pod_name, &coord)?;
+        // The server's container holds its own key and no other replica's.
+        let own: BTreeSet<String> =
+            std::fs::read_dir(dir.join("pods").join(&pod_name).join("tls"))?
+                .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+                .collect::<Result<_>>()?;
+        let expected: BTreeSet<String> = [
+            "ca.pem".to_string(),
+            format!("replica-{i}.pem"),
+            format!("replica-{i}-key.pem"),
+        ]
+        .into_iter()
+        .collect();
+        ensure!(
+            own == expected,
+            "{pod_name}'s coordinator container sees {own:?}"
+        );
         let run = pod_run(&pod_name, &coord, "coordinator", None)?;
         replicas.push(run.spawn(&dir.join(format!("{pod_name}.log")))?);
         replica_addrs.push(format!("{}:7400", pod_ip(&pod_name)?));
@@ -550,6 +584,7 @@ async fn the_kubernetes_manifests_run_as_written_and_commit_a_transfer() -> Resu
     let mut agents = Vec::new();
     let mut agent_addrs = BTreeMap::new();
     for (pod_name, _, participant, set) in &bank_pods {
+        init(pod_name, set)?;
         let port = pgs.get(participant).map(PgCluster::port);
         let run = pod_run(pod_name, set, "agent", port)?;
         agents.push(run.spawn(&dir.join(format!("{pod_name}.log")))?);
