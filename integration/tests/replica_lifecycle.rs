@@ -291,10 +291,7 @@ async fn a_damaged_acceptor_log_is_refused_and_rejoin_brings_the_replica_back() 
     assert_eq!(outcome, TransferOutcome::Committed);
 
     // The runbook: start it with --rejoin.
-    let rejoined = rejoin(&c, 2)?;
-    rejoined
-        .wait_for_port(c.replica_addrs[2].parse()?, Duration::from_secs(30))
-        .await?;
+    let (rejoined, info) = rejoin_serving(&c, 2).await?;
     let aside: Vec<_> = std::fs::read_dir(c.dir.join("replica-2"))?
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -305,10 +302,7 @@ async fn a_damaged_acceptor_log_is_refused_and_rejoin_brings_the_replica_back() 
         .collect();
     assert_eq!(aside.len(), 1, "the damaged log was not kept");
     assert_eq!(std::fs::read(aside[0].path())?, damaged);
-    let mut ops = c.operator.replica(2).context("replica 2")?;
-    let info = ops.cluster_info(pb::Empty {}).await?.into_inner();
     assert!(info.rejoined, "{info:?}");
-    assert_eq!(info.state, "serving");
 
     // Transactions led by the rejoined replica, and by the others, commit.
     for leader in [2, 0, 1, 2] {
@@ -395,21 +389,7 @@ async fn a_lost_acceptor_log_is_refused_and_rejoin_fences_out_the_old_life() -> 
     assert_eq!(outcome, TransferOutcome::Committed);
 
     // The runbook: --rejoin (the refused start's own log, never admitted, is set aside too).
-    let rejoined = rejoin(&c, 2)?;
-    rejoined
-        .wait_for_port(c.replica_addrs[2].parse()?, Duration::from_secs(30))
-        .await?;
-    let serving_by = Instant::now() + Duration::from_secs(30);
-    let second_life = loop {
-        let now = info(&c, 2).await?;
-        if now.state == "serving" {
-            break now;
-        }
-        if Instant::now() >= serving_by {
-            bail!("not serving within 30 s:\n{}", rejoined.log_tail(20));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (_rejoined, second_life) = rejoin_serving(&c, 2).await?;
     assert!(second_life.rejoined, "{second_life:?}");
     assert_ne!(second_life.incarnation, first_life.incarnation);
     commits_on(&c, 2).await?;
@@ -519,6 +499,30 @@ fn acceptor_as(c: &Cluster, i: usize, role: Role) -> Result<AcceptorClient<Chann
         Some(Duration::from_secs(10)),
         &Security::Tls(tls),
     )?))
+}
+
+/// Starts replica `i` with `--rejoin` and waits until every peer has admitted its new
+/// incarnation and it says "serving".
+async fn rejoin_serving(c: &Cluster, i: usize) -> Result<(Proc, pb::ClusterInfoResponse)> {
+    let rejoined = rejoin(c, i)?;
+    rejoined
+        .wait_for_port(c.replica_addrs[i].parse()?, Duration::from_secs(30))
+        .await?;
+    let by = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = info(c, i).await?;
+        if now.state == "serving" {
+            return Ok((rejoined, now));
+        }
+        if Instant::now() >= by {
+            bail!(
+                "replica {i} not serving 30 s after --rejoin ({}):\n{}",
+                now.state,
+                rejoined.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Starts replica `i` again with `--rejoin` (beside the cluster's own handle on it).
