@@ -501,6 +501,54 @@ fn acceptor_as(c: &Cluster, i: usize, role: Role) -> Result<AcceptorClient<Chann
     )?))
 }
 
+/// A new group serves only once every replica has started: a new log is admitted when every
+/// peer has recorded it, since the one that remembers an earlier life may be the only one
+/// that can tell. Until then the replicas that are up say "joining" and refuse Begin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_group_waits_for_every_replica_before_it_serves() -> Result<()> {
+    let c = cluster("first-start", |s| s).await?;
+    c.wait_no_prepared(Duration::from_secs(10)).await?;
+    // Every replica stopped and its directory emptied: the same machines, a new group.
+    for (i, replica) in c.replicas.iter().enumerate() {
+        let (status, _) = sigterm(replica)?;
+        assert_eq!(status.code(), Some(0));
+        let dir = c.dir.join(format!("replica-{i}"));
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir)?;
+    }
+    for i in [0, 1] {
+        c.replicas[i].restart()?;
+        c.wait_replica(i).await?;
+    }
+    // A majority is up, but replica 2 has not said it never ran: nothing serves.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in [0, 1] {
+        let now = info(&c, i).await?;
+        assert_eq!(now.state, "joining", "replica {i}: {now:?}");
+        let refused = c
+            .client
+            .replica(i)
+            .context("no such replica")?
+            .begin(pb::BeginRequest::default())
+            .await
+            .expect_err("a joining replica began a transaction");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    }
+    c.replicas[2].restart()?;
+    c.wait_replica(2).await?;
+    c.wait_admitted(Duration::from_secs(30)).await?;
+    let (_, outcome) = bank::transfer(&c.client, (A, 1), (B, 1), 1).await?;
+    assert_eq!(outcome, TransferOutcome::Committed);
+    for i in 0..3 {
+        let now = info(&c, i).await?;
+        assert!(
+            !now.rejoined && now.incarnation != 0,
+            "replica {i}: {now:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Starts replica `i` with `--rejoin` and waits until every peer has admitted its new
 /// incarnation and it says "serving".
 async fn rejoin_serving(c: &Cluster, i: usize) -> Result<(Proc, pb::ClusterInfoResponse)> {

@@ -278,6 +278,14 @@ async fn run(
         let (left, took_any) = outbox.take_back();
         match ended {
             Ok(Ok(())) => tracing::debug!("message stream ended by the peer"),
+            // The peer refuses this sender for good (a replaced incarnation, say): worth an
+            // operator's eye, unlike a connection that merely dropped. The backoff bounds it.
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                tracing::warn!(
+                    "a peer refuses this process's messages: {}",
+                    status.message()
+                )
+            }
             Ok(Err(status)) => tracing::debug!("message stream closed: {}", status.message()),
             Err(e) => tracing::debug!("message stream task failed: {e}"),
         }
