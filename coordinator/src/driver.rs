@@ -24,7 +24,7 @@ use crate::outcomes::{Archive, Index};
 use crate::peers::Peers;
 use crate::traces::Traces;
 use paxos_commit_core::{
-    AbortCause, JoinAnswer, JoinMode, LocalStatus, Msg, Outcome, Output, Participant, Record,
+    AbortCause, Dest, JoinAnswer, JoinMode, LocalStatus, Msg, Outcome, Output, Participant, Record,
     Replica, ReplicaId, Stats, TxnError, TxnId, Vote,
 };
 use paxos_commit_proto::telemetry::TraceParent;
@@ -682,10 +682,20 @@ impl Driver {
                 });
             }
             Command::JoinAnswered { from, incarnation } => {
+                if let Some(known) = self.core.fence(from).filter(|&k| k != incarnation) {
+                    tracing::error!(
+                        replica = from,
+                        incarnation,
+                        known,
+                        "a peer answered this replica's join under an incarnation other than \
+                         the one recorded here: kept the recorded one (only the peer's own \
+                         --rejoin replaces it); that peer may have lost its log"
+                    );
+                }
                 self.core.on_join_answer(from, incarnation);
             }
             Command::Admitted { reply } => {
-                self.core.on_admitted();
+                self.core.on_admitted(now);
                 self.reply_after_sync(move || {
                     let _ = reply.send(());
                 });
@@ -944,6 +954,13 @@ impl Driver {
         for o in outputs {
             match o {
                 Held::Out(Output::Persist(_) | Output::PersistLazy(_)) => {}
+                // Not admitted yet, this replica has nothing to say to its peers, and a
+                // stream under an incarnation they do not know yet would look like a
+                // replaced process's.
+                Held::Out(Output::Send {
+                    to: Dest::Replica(_),
+                    ..
+                }) if !self.core.is_admitted() => {}
                 Held::Out(Output::Send { to, msg }) => {
                     self.note_send(&to, &msg);
                     if let Msg::Phase2b {

@@ -93,6 +93,27 @@ pub async fn join(
                     }
                     answered.push(peer);
                 }
+                // Waiting cannot mend these: the certificates or the replica lists disagree.
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::PermissionDenied
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    return Err(CoordinatorError::Refused(format!(
+                        "replica {peer} refuses this replica's join: {} (check the \
+                         certificates and that every replica has the same replica list)",
+                        status.message()
+                    )));
+                }
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    why.insert(
+                        peer,
+                        "it runs a version from before incarnations: upgrade it".into(),
+                    );
+                }
                 Err(status) => {
                     why.insert(peer, format!("{:?}: {}", status.code(), status.message()));
                 }

@@ -106,9 +106,19 @@ pub async fn serve(
     let peers = Peers::start(cfg.id, incarnation, &cfg.replicas, cfg.security.clone())
         .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CoordinatorServer<Handle>>()
-        .await;
+    if joining.is_some() {
+        // Not serving from the first answer: a joining replica is not ready.
+        health_reporter
+            .set_not_serving::<CoordinatorServer<Handle>>()
+            .await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    } else {
+        health_reporter
+            .set_serving::<CoordinatorServer<Handle>>()
+            .await;
+    }
     if let Some(listen) = &cfg.health_listen {
         paxos_commit_proto::health::serve(listen, health.clone())
             .await

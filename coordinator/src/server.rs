@@ -786,6 +786,12 @@ impl Handle {
         let (Caller::Peer(Role::Replica(from)), Some(incarnation)) = (caller, incarnation) else {
             return Ok(());
         };
+        if *from as usize >= self.cfg.replicas.len() {
+            return Err(Status::permission_denied(format!(
+                "replica {from} is not in this group of {}",
+                self.cfg.replicas.len()
+            )));
+        }
         let gone = || Status::from(CoordinatorError::ShuttingDown);
         let (reply, heard) = oneshot::channel();
         self.commands
@@ -799,7 +805,8 @@ impl Handle {
             Ok(()) => Ok(()),
             Err(known) => Err(Status::failed_precondition(format!(
                 "replica {from} incarnation {incarnation} is not the one admitted here \
-                 ({known}): this process's replica was replaced (--rejoin) and it must stop"
+                 ({known}): this process's replica was replaced (--rejoin) and it must stop, \
+                 or it is a new log that was refused"
             ))),
         }
     }

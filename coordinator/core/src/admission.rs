@@ -126,19 +126,21 @@ impl Admission {
         }
     }
 
-    /// A peer's own incarnation, from its answer to this replica's join.
+    /// A peer's own incarnation, from its answer to this replica's join: recorded where none
+    /// is, never in place of another. Only the peer's own rejoin replaces a fence: a peer that
+    /// answers under a new incarnation may be a lost log that has not been refused yet.
     pub fn learn(&mut self, from: ReplicaId, incarnation: u64) -> Option<Record> {
-        (self.fences.get(&from) != Some(&incarnation)).then(|| self.fence(from, incarnation))
+        (!self.fences.contains_key(&from)).then(|| self.fence(from, incarnation))
     }
 
-    /// Whether a message from `from`'s `incarnation` may be heard. A peer never fenced here
-    /// (its log and this one predate incarnations) is fenced by its first message; the
-    /// record must be durable before that message's effects leave the process.
-    pub fn hears(&mut self, from: ReplicaId, incarnation: u64) -> (bool, Option<Record>) {
-        match self.fences.get(&from) {
-            Some(&known) => (known == incarnation, None),
-            None => (true, Some(self.fence(from, incarnation))),
-        }
+    /// Whether a message from `from`'s `incarnation` may be heard: when it is the fenced one,
+    /// or when none is (a replica learns every peer's incarnation when it joins, so only logs
+    /// from before incarnations lack one). A message never records a fence: the first to
+    /// arrive could be a stale process's.
+    pub fn hears(&self, from: ReplicaId, incarnation: u64) -> bool {
+        self.fences
+            .get(&from)
+            .is_none_or(|&known| known == incarnation)
     }
 
     /// Every peer admitted it: it may act as a replica from now on.
@@ -204,14 +206,14 @@ mod tests {
             (JoinAnswer::Known { incarnation: 20 }, None)
         );
         // Messages of the lost life are still heard, the new one's are not.
-        assert!(peer.hears(2, 20).0);
-        assert!(!peer.hears(2, 21).0);
+        assert!(peer.hears(2, 20));
+        assert!(!peer.hears(2, 21));
         // The operator's --rejoin replaces the fence: from now on the old life is not heard.
         let (answer, record) = peer.on_join(2, 21, JoinMode::Rejoin);
         assert_eq!(answer, JoinAnswer::Admitted);
         assert!(record.is_some());
-        assert!(peer.hears(2, 21).0);
-        assert!(!peer.hears(2, 20).0);
+        assert!(peer.hears(2, 21));
+        assert!(!peer.hears(2, 20));
     }
 
     #[test]
@@ -232,11 +234,19 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_never_fenced_is_fenced_by_its_first_message() {
-        let mut a = Admission::admitted();
-        let (heard, record) = a.hears(1, 9);
-        assert!(heard && record.is_some());
-        assert_eq!(a.hears(1, 9), (true, None));
-        assert_eq!(a.hears(1, 8), (false, None));
+    fn messages_never_fence_and_an_answer_never_replaces_a_fence() {
+        let mut a = fresh(5);
+        // Unknown: heard, and nothing is recorded (the first to speak may be stale).
+        assert!(a.hears(1, 9) && a.hears(1, 8));
+        assert!(a.fences().is_empty());
+        // A join's answer records the peer's incarnation once...
+        assert!(a.learn(1, 9).is_some());
+        assert!(a.hears(1, 9) && !a.hears(1, 8));
+        // ...and another answer under a new one (a lost log not yet refused) changes nothing.
+        assert_eq!(a.learn(1, 8), None);
+        assert_eq!(a.fences().get(&1), Some(&9));
+        // Only the peer's own rejoin does.
+        assert_eq!(a.on_join(1, 8, JoinMode::Rejoin).0, JoinAnswer::Admitted);
+        assert_eq!(a.fences().get(&1), Some(&8));
     }
 }

@@ -1106,18 +1106,32 @@ impl Replica {
         self.out.extend(record.map(Output::Persist));
     }
 
-    /// Every peer admitted this replica.
-    pub fn on_admitted(&mut self) {
+    /// Every peer admitted this replica. The transactions it learned of meanwhile get their
+    /// timers again: while it answered for none, a timer that fired did nothing and was not
+    /// armed again.
+    pub fn on_admitted(&mut self, now: u64) {
         let record = self.admission.admit();
         self.out.extend(record.map(Output::Persist));
+        let idle: Vec<(TxnId, bool)> = self
+            .acceptor
+            .iter()
+            .filter(|(txn, _)| !self.timers.contains_key(txn))
+            .map(|(txn, acc)| (*txn, acc.finished))
+            .collect();
+        for (txn, finished) in idle {
+            let after = if finished {
+                self.cfg.retention_ms
+            } else {
+                self.cfg.takeover_after_ms
+            };
+            self.arm(txn, now.saturating_add(after));
+        }
     }
 
     /// Whether messages from peer `from`'s `incarnation` are heard; call it before
     /// [`Replica::on_message`] for each batch a replica sent.
-    pub fn hears(&mut self, from: ReplicaId, incarnation: u64) -> bool {
-        let (heard, record) = self.admission.hears(from, incarnation);
-        self.out.extend(record.map(Output::Persist));
-        heard
+    pub fn hears(&self, from: ReplicaId, incarnation: u64) -> bool {
+        self.admission.hears(from, incarnation)
     }
 
     fn led(&mut self, txn: TxnId) -> Result<&mut Coordination, TxnError> {
