@@ -138,9 +138,10 @@ pub enum Command {
         from: ReplicaId,
         incarnation: u64,
     },
-    /// Every peer admitted this replica; answered once that is durable.
-    Admitted {
-        reply: oneshot::Sender<()>,
+    /// Whether every peer has now admitted this replica (the core decides); answered once
+    /// that is durable.
+    TryAdmit {
+        reply: oneshot::Sender<bool>,
     },
     Applied {
         txn: TxnId,
@@ -682,7 +683,11 @@ impl Driver {
                 });
             }
             Command::JoinAnswered { from, incarnation } => {
-                if let Some(known) = self.core.fence(from).filter(|&k| k != incarnation) {
+                if let Some(known) = self
+                    .core
+                    .fence(from)
+                    .filter(|&k| incarnation != 0 && k != incarnation)
+                {
                     tracing::error!(
                         replica = from,
                         incarnation,
@@ -694,10 +699,10 @@ impl Driver {
                 }
                 self.core.on_join_answer(from, incarnation);
             }
-            Command::Admitted { reply } => {
-                self.core.on_admitted(now);
+            Command::TryAdmit { reply } => {
+                let admitted = self.core.try_admit(now);
                 self.reply_after_sync(move || {
-                    let _ = reply.send(());
+                    let _ = reply.send(admitted);
                 });
             }
             Command::Info { reply } => {

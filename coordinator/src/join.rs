@@ -26,8 +26,9 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How often the peers still awaited are logged.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// Asks every peer until each has admitted this replica, then tells the driver (which makes
-/// it durable) and turns the replica SERVING. Fails with `Refused` when a peer knows this
+/// Asks the peers that have not admitted this replica yet, round after round, and forwards
+/// each answer to the core, until the core says it is admitted (made durable), then turns
+/// the replica SERVING. Fails with `Refused` when a peer knows this
 /// replica as another incarnation.
 pub async fn join(
     cfg: Arc<ReplicaConfig>,
@@ -59,7 +60,7 @@ pub async fn join(
     let started = Instant::now();
     let mut reported = Instant::now();
     let gone = || CoordinatorError::ShuttingDown;
-    while !pending.is_empty() {
+    loop {
         let mut why: BTreeMap<ReplicaId, String> = BTreeMap::new();
         let mut answered = Vec::new();
         for (&peer, client) in pending.iter_mut() {
@@ -83,14 +84,12 @@ pub async fn join(
                             cfg.data_dir.display()
                         )));
                     }
-                    if answer.incarnation != 0 {
-                        commands
-                            .send(Command::JoinAnswered {
-                                from: peer,
-                                incarnation: answer.incarnation,
-                            })
-                            .map_err(|_| gone())?;
-                    }
+                    commands
+                        .send(Command::JoinAnswered {
+                            from: peer,
+                            incarnation: answer.incarnation,
+                        })
+                        .map_err(|_| gone())?;
                     answered.push(peer);
                 }
                 // Waiting cannot mend these: the certificates or the replica lists disagree.
@@ -122,7 +121,12 @@ pub async fn join(
         for peer in answered {
             pending.remove(&peer);
         }
-        if pending.is_empty() {
+        // Whether that is every peer is the core's rule, not this loop's.
+        let (reply, admitted) = oneshot::channel();
+        commands
+            .send(Command::TryAdmit { reply })
+            .map_err(|_| gone())?;
+        if admitted.await.map_err(|_| gone())? {
             break;
         }
         if reported.elapsed() >= REPORT_EVERY {
@@ -136,11 +140,6 @@ pub async fn join(
         }
         tokio::time::sleep(RETRY).await;
     }
-    let (reply, done) = oneshot::channel();
-    commands
-        .send(Command::Admitted { reply })
-        .map_err(|_| gone())?;
-    done.await.map_err(|_| gone())?;
     life.set_joining(false);
     tracing::info!(
         incarnation,

@@ -17,7 +17,7 @@
 
 use crate::msg::Record;
 use crate::types::ReplicaId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// How a replica asks to be admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,6 +48,8 @@ pub struct Admission {
     admitted: bool,
     /// Each peer's incarnation as recorded here (`Record::Fence`).
     fences: BTreeMap<ReplicaId, u64>,
+    /// Peers that admitted this life since the process started (asked again after a restart).
+    answered: BTreeSet<ReplicaId>,
 }
 
 impl Admission {
@@ -130,7 +132,10 @@ impl Admission {
     /// is, never in place of another. Only the peer's own rejoin replaces a fence: a peer that
     /// answers under a new incarnation may be a lost log that has not been refused yet.
     pub fn learn(&mut self, from: ReplicaId, incarnation: u64) -> Option<Record> {
-        (!self.fences.contains_key(&from)).then(|| self.fence(from, incarnation))
+        self.answered.insert(from);
+        // 0 names no life (a peer from before incarnations): nothing to fence.
+        (incarnation != 0 && !self.fences.contains_key(&from))
+            .then(|| self.fence(from, incarnation))
     }
 
     /// Whether a message from `from`'s `incarnation` may be heard: when it is the fenced one,
@@ -143,12 +148,14 @@ impl Admission {
             .is_none_or(|&known| known == incarnation)
     }
 
-    /// Every peer admitted it: it may act as a replica from now on.
-    pub fn admit(&mut self) -> Option<Record> {
-        (!self.admitted).then(|| {
-            self.admitted = true;
-            Record::Admitted
-        })
+    /// Admits this life once every one of `peers` has answered its join, and not before: the
+    /// one peer that remembers an earlier life may be the only one that can tell.
+    pub fn admit_if_all(&mut self, mut peers: impl Iterator<Item = ReplicaId>) -> Option<Record> {
+        if self.admitted || !peers.all(|p| self.answered.contains(&p)) {
+            return None;
+        }
+        self.admitted = true;
+        Some(Record::Admitted)
     }
 
     fn fence(&mut self, replica: ReplicaId, incarnation: u64) -> Record {
@@ -221,7 +228,10 @@ mod tests {
         let mut a = fresh(5);
         a.on_join(0, 10, JoinMode::First);
         a.learn(2, 30);
-        a.admit();
+        // Replica 0 has not answered this life's join: not admitted yet.
+        assert!(a.admit_if_all([0, 2].into_iter()).is_none());
+        a.learn(0, 10);
+        assert_eq!(a.admit_if_all([0, 2].into_iter()), Some(Record::Admitted));
         let mut out = Vec::new();
         a.records(&mut out);
         let mut replayed = Admission::default();
@@ -229,8 +239,9 @@ mod tests {
             assert!(replayed.replay(r));
         }
         replayed.finish_replay();
+        replayed.answered = a.answered.clone();
         assert_eq!(replayed, a);
-        assert!(replayed.admit().is_none());
+        assert!(replayed.admit_if_all([0, 2].into_iter()).is_none());
     }
 
     #[test]

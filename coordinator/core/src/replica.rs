@@ -225,20 +225,27 @@ impl Replica {
             }
         }
         replica.admission.finish_replay();
-        let txns: Vec<(TxnId, bool)> = replica
+        replica.arm_idle(now);
+        replica
+    }
+
+    /// Arms a timer for every known transaction that has none: a takeover for an undecided
+    /// one, forgetting for a finished one.
+    fn arm_idle(&mut self, now: u64) {
+        let idle: Vec<(TxnId, bool)> = self
             .acceptor
             .iter()
-            .map(|(t, a)| (*t, a.finished))
+            .filter(|(txn, _)| !self.timers.contains_key(txn))
+            .map(|(txn, acc)| (*txn, acc.finished))
             .collect();
-        for (txn, finished) in txns {
+        for (txn, finished) in idle {
             let after = if finished {
-                replica.cfg.retention_ms
+                self.cfg.retention_ms
             } else {
-                replica.cfg.takeover_after_ms
+                self.cfg.takeover_after_ms
             };
-            replica.arm(txn, now.saturating_add(after));
+            self.arm(txn, now.saturating_add(after));
         }
-        replica
     }
 
     pub fn config(&self) -> &Config {
@@ -1106,26 +1113,18 @@ impl Replica {
         self.out.extend(record.map(Output::Persist));
     }
 
-    /// Every peer admitted this replica. The transactions it learned of meanwhile get their
-    /// timers again: while it answered for none, a timer that fired did nothing and was not
-    /// armed again.
-    pub fn on_admitted(&mut self, now: u64) {
-        let record = self.admission.admit();
-        self.out.extend(record.map(Output::Persist));
-        let idle: Vec<(TxnId, bool)> = self
-            .acceptor
-            .iter()
-            .filter(|(txn, _)| !self.timers.contains_key(txn))
-            .map(|(txn, acc)| (*txn, acc.finished))
-            .collect();
-        for (txn, finished) in idle {
-            let after = if finished {
-                self.cfg.retention_ms
-            } else {
-                self.cfg.takeover_after_ms
-            };
-            self.arm(txn, now.saturating_add(after));
+    /// Admits this replica once every peer has answered its join (see
+    /// [`crate::admission`]), and says whether it is admitted. The transactions it learned of
+    /// meanwhile get their timers again: while it answered for none, a timer that fired did
+    /// nothing and was not armed again.
+    pub fn try_admit(&mut self, now: u64) -> bool {
+        let me = self.cfg.id;
+        let peers = (0..self.cfg.replicas).filter(|&r| r != me);
+        if let Some(record) = self.admission.admit_if_all(peers) {
+            self.out.push(Output::Persist(record));
+            self.arm_idle(now);
         }
+        self.admission.is_admitted()
     }
 
     /// Whether messages from peer `from`'s `incarnation` are heard; call it before
